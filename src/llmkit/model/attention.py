@@ -1,0 +1,100 @@
+"""Multi-head attention (MHA, GQA, MQA) over torch's scaled_dot_product_attention.
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_h) + M) V        (Vaswani et al., 2017)
+
+GQA (Ainslie et al., 2023) shares each key/value head between n_heads / n_kv_heads query heads;
+MQA is the case n_kv_heads = 1. The same module serves self-attention (causal or bidirectional)
+and cross-attention (queries from the decoder, keys/values from the encoder).
+
+Extension point for PEFT: `kv_prefix` (None by default) is a module called as
+`kv_prefix(batch_size) -> (k, v)`, each (B, n_kv_heads, P, head_dim). The P prefix positions are
+prepended to the keys and values of every forward pass and are always visible (prefix tuning,
+P-tuning v2). They are never written into the KV cache and take no position.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .positions import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, *, cross: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
+        self.cross = cross
+        d = config.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=config.attn_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attn_out_bias)
+        self.dropout = config.attn_dropout
+        self.kv_prefix: Optional[nn.Module] = None
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)                       # (B, n, T, hd)
+
+    def forward(
+        self,
+        x: torch.Tensor,                          # (B, T, d)
+        *,
+        mask: Optional[torch.Tensor] = None,      # additive, broadcastable to (B, nh, T, Tk)
+        is_causal: bool = False,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+        memory: Optional[torch.Tensor] = None,    # cross-attention: encoder states (B, S, d)
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_heads)                               # (B, nh, T, hd)
+        if self.cross:
+            if cache is not None and layer in cache.cross:
+                k, v = cache.cross[layer]
+            else:
+                k = self._heads(self.k_proj(memory), self.n_kv_heads)               # (B, nkv, S, hd)
+                v = self._heads(self.v_proj(memory), self.n_kv_heads)
+                if cache is not None:
+                    cache.cross[layer] = (k, v)
+        else:
+            k = self._heads(self.k_proj(x), self.n_kv_heads)                        # (B, nkv, T, hd)
+            v = self._heads(self.v_proj(x), self.n_kv_heads)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)                                    # (B, nkv, Tk, hd)
+
+        if self.kv_prefix is not None:
+            pk, pv = self.kv_prefix(B)                                              # (B, nkv, P, hd)
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+            mask, is_causal = _mask_with_prefix(mask, is_causal, T, k.shape[2], pk.shape[2], q)
+
+        if self.n_kv_heads != self.n_heads:
+            # SDPA's enable_gqa avoids materialising repeated heads.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0)                   # (B, nh, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)       # (B, T, nh*hd)
+        return self.o_proj(out)
+
+
+def _mask_with_prefix(mask, is_causal, q_len, kv_len, prefix_len, q):
+    """Prepend `prefix_len` always-visible key columns to the mask (materialising it if needed)."""
+    if mask is None and not is_causal:
+        return None, False
+    if mask is None:  # fused causal with no cache: build it explicitly, now that keys are offset
+        visible = torch.ones(q_len, kv_len - prefix_len, dtype=torch.bool, device=q.device).tril()
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~visible, torch.finfo(q.dtype).min).view(1, 1, q_len, -1)
+    pad = torch.zeros(*mask.shape[:-1], prefix_len, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1), False

@@ -1,0 +1,89 @@
+"""One transformer layer: self-attention, optional cross-attention, feed-forward, residuals.
+
+Pre-norm (GPT-2, Llama):   x = x + Attn(N1(x));  x = x + FFN(N2(x))
+Post-norm (BERT, BART):    x = N1(x + Attn(x));  x = N2(x + FFN(x))
+Parallel residual (GPT-J): x = x + Attn(N1(x)) + FFN(N2(x))
+
+Extension points for PEFT, all None by default, each an `nn.Module` set as an attribute:
+- `post_attn_adapter(a) -> a'`: transforms the attention output before the residual add
+  (serial adapters, Houlsby et al. 2019).
+- `post_mlp_adapter(m) -> m'`: the same after the feed-forward output (Pfeiffer adapters).
+- `parallel_attn(h) -> delta` / `parallel_mlp(h) -> delta`: a branch fed the sublayer's input
+  whose output is added to the sublayer's output (parallel adapters, He et al. 2022).
+- `Attention.kv_prefix`: see attention.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .mlp import MLP
+from .norms import build_norm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, *, cross_attention: bool = False):
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.parallel_residual = config.parallel_residual
+        self.attn_norm = build_norm(config)
+        self.self_attn = Attention(config)
+        self.cross_attn: Optional[Attention] = None
+        if cross_attention:
+            self.cross_attn_norm = build_norm(config)
+            self.cross_attn = Attention(config, cross=True)
+        self.mlp_norm = build_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.post_attn_adapter: Optional[nn.Module] = None
+        self.post_mlp_adapter: Optional[nn.Module] = None
+        self.parallel_attn: Optional[nn.Module] = None
+        self.parallel_mlp: Optional[nn.Module] = None
+
+    def _attend(self, h: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        out = self.self_attn(h, **attn_kwargs)
+        if self.parallel_attn is not None:
+            out = out + self.parallel_attn(h)
+        if self.post_attn_adapter is not None:
+            out = self.post_attn_adapter(out)
+        return self.dropout(out)
+
+    def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(h)
+        if self.parallel_mlp is not None:
+            out = out + self.parallel_mlp(h)
+        if self.post_mlp_adapter is not None:
+            out = self.post_mlp_adapter(out)
+        return self.dropout(out)
+
+    def _cross(self, x, memory, memory_mask, cache, layer):
+        return self.dropout(self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer))
+
+    def forward(
+        self,
+        x: torch.Tensor,                              # (B, T, d)
+        *,
+        mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        rope=None,
+        cache=None,
+        layer: int = 0,
+        memory: Optional[torch.Tensor] = None,        # encoder states for cross-attention
+        memory_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        attn_kwargs = dict(mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        if self.pre_norm:
+            if self.parallel_residual:
+                return x + self._attend(self.attn_norm(x), **attn_kwargs) + self._feed_forward(self.mlp_norm(x))
+            x = x + self._attend(self.attn_norm(x), **attn_kwargs)
+            if self.cross_attn is not None:
+                x = x + self._cross(self.cross_attn_norm(x), memory, memory_mask, cache, layer)
+            return x + self._feed_forward(self.mlp_norm(x))
+        x = self.attn_norm(x + self._attend(x, **attn_kwargs))
+        if self.cross_attn is not None:
+            x = self.cross_attn_norm(x + self._cross(x, memory, memory_mask, cache, layer))
+        return self.mlp_norm(x + self._feed_forward(x))

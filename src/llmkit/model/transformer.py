@@ -1,0 +1,153 @@
+"""Transformer stacks: `Transformer` (decoder-only or encoder) and `EncoderDecoder`.
+
+A `Transformer` is embeddings (tokens, positions, token types, optional norm) followed by
+`n_layers` blocks and an optional final norm. It returns hidden states; heads live in heads.py.
+`EncoderDecoder` (BART) owns one token embedding shared by a bidirectional encoder and a causal
+decoder with cross-attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .block import Block
+from .cache import KVCache
+from .masks import build_attention_mask, padding_mask
+from .norms import build_norm
+from .positions import RotaryEmbedding, sinusoidal_table
+
+
+@dataclass
+class ModelOutput:
+    """What every llmkit model returns; fields a model does not produce stay None."""
+    logits: Optional[torch.Tensor] = None                 # (B, T, V) or (B, n_labels)
+    last_hidden_state: Optional[torch.Tensor] = None      # (B, T, d)
+    cache: Optional[KVCache] = None
+    pooler_output: Optional[torch.Tensor] = None          # (B, d)
+    nsp_logits: Optional[torch.Tensor] = None             # (B, 2)
+    values: Optional[torch.Tensor] = None                 # (B, T) scalar per token
+    embeddings: Optional[torch.Tensor] = None             # (B, d_proj)
+    encoder_last_hidden_state: Optional[torch.Tensor] = None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, *, causal: Optional[bool] = None,
+                 n_layers: Optional[int] = None, cross_attention: bool = False,
+                 token_embedding: bool = True):
+        super().__init__()
+        self.config = config
+        self.causal = config.causal if causal is None else causal
+        self.sliding_window = config.sliding_window if self.causal else None
+        d = config.d_model
+        self.embed_tokens = nn.Embedding(config.vocab_size, d) if token_embedding else None
+        self.embed_positions = None
+        if config.positional == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len + config.position_offset, d)
+        elif config.positional == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoidal_table(config.max_seq_len, d), persistent=False)
+        self.rotary = RotaryEmbedding(config) if config.positional == "rope" else None
+        self.embed_token_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
+        self.embed_norm = build_norm(config) if config.embed_norm else None
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
+        self.layers = nn.ModuleList(
+            Block(config, cross_attention=cross_attention) for _ in range(n_layers or config.n_layers))
+        self.final_norm = build_norm(config) if config.final_norm else None
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,         # (B, T)
+        attention_mask: Optional[torch.Tensor] = None,    # (B, past + T), 1 = real token
+        *,
+        position_ids: Optional[torch.Tensor] = None,      # (B, T)
+        token_type_ids: Optional[torch.Tensor] = None,    # (B, T)
+        inputs_embeds: Optional[torch.Tensor] = None,     # (B, T, d) instead of input_ids
+        cache: Optional[KVCache] = None,
+        memory: Optional[torch.Tensor] = None,            # encoder states for cross-attention
+        memory_attention_mask: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Transformer.forward: pass input_ids or inputs_embeds")
+            if self.embed_tokens is None:
+                raise ValueError("this stack has no token embedding; pass inputs_embeds")
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale           # (B, T, d)
+        B, T, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.max_seq_len and self.config.positional in ("learned", "sinusoidal"):
+            raise ValueError(f"sequence length {past + T} exceeds max_seq_len={self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0).expand(B, T)
+
+        x = inputs_embeds
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids + self.config.position_offset)
+        elif self.config.positional == "sinusoidal":
+            x = x + self.sinusoids[position_ids].to(x.dtype)
+        if self.embed_token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(position_ids)
+            x = x + self.embed_token_types(token_type_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.embed_dropout(x)
+
+        mask, is_causal = build_attention_mask(
+            batch_size=B, q_len=T, past_len=past, attention_mask=attention_mask, causal=self.causal,
+            sliding_window=self.sliding_window,
+            alibi_heads=self.config.n_heads if self.config.positional == "alibi" else 0,
+            dtype=x.dtype, device=x.device)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        memory_mask = padding_mask(memory_attention_mask, x.dtype) if memory is not None else None
+        for i, block in enumerate(self.layers):
+            x = block(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=i,
+                      memory=memory, memory_mask=memory_mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return ModelOutput(last_hidden_state=x, cache=cache)
+
+
+class EncoderDecoder(nn.Module):
+    """A bidirectional encoder and a causal decoder with cross-attention, sharing token embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.encoder = Transformer(config, causal=False, token_embedding=False)
+        self.decoder = Transformer(config, causal=True, n_layers=config.decoder_layers,
+                                   cross_attention=True, token_embedding=False)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids) * self.embed_scale                   # (B, S, d)
+        return self.encoder(attention_mask=attention_mask, inputs_embeds=embeds).last_hidden_state
+
+    def decode(self, decoder_input_ids, memory, memory_attention_mask=None,
+               decoder_attention_mask=None, cache=None) -> ModelOutput:
+        embeds = self.embed_tokens(decoder_input_ids) * self.embed_scale           # (B, T, d)
+        return self.decoder(attention_mask=decoder_attention_mask, inputs_embeds=embeds, cache=cache,
+                            memory=memory, memory_attention_mask=memory_attention_mask)
+
+    def forward(self, input_ids, attention_mask=None, *, decoder_input_ids=None,
+                decoder_attention_mask=None, encoder_hidden_states=None, cache=None) -> ModelOutput:
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_tokens_right(input_ids, self.config)
+        memory = encoder_hidden_states if encoder_hidden_states is not None else self.encode(input_ids, attention_mask)
+        out = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask, cache)
+        out.encoder_last_hidden_state = memory
+        return out
+
+
+def shift_tokens_right(input_ids: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: [start, x_0, ..., x_{T-2}], -100 labels become pad."""
+    if config.decoder_start_token_id is None or config.pad_token_id is None:
+        raise ValueError("shift_tokens_right needs ModelConfig.decoder_start_token_id and pad_token_id")
+    shifted = input_ids.new_full(input_ids.shape, config.decoder_start_token_id)
+    shifted[:, 1:] = input_ids[:, :-1]
+    return shifted.masked_fill(shifted == -100, config.pad_token_id)
