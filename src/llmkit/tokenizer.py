@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -38,24 +37,9 @@ DEFAULT_CHAT_TEMPLATE = (
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus special-token roles, a chat template and `model_max_length`.
 
-    Role attributes (`bos_token`, `bos_token_id`, ..., for every role in SPECIAL_ROLES) are None when
+    For every role in SPECIAL_ROLES it has `<role>_token` (str) and `<role>_token_id` (int), None when
     the tokenizer has no such token, so callers can test them instead of catching errors.
     """
-
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    unk_token: str | None
-    mask_token: str | None
-    cls_token: str | None
-    sep_token: str | None
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-    unk_token_id: int | None
-    mask_token_id: int | None
-    cls_token_id: int | None
-    sep_token_id: int | None
 
     def __init__(self, backend: _Backend, special_tokens: Mapping[str, str | None] | None = None,
                  chat_template: str | None = None, model_max_length: int | None = None):
@@ -296,7 +280,7 @@ def train_char(files: str | os.PathLike | Sequence[str | os.PathLike] | None = N
     A WordLevel model over single characters: the Split pre-tokenizer isolates every character
     (whitespace included) and the Fuse decoder joins tokens with no separator, so decode(encode(s))
     == s exactly. Special tokens take the first ids, characters follow in sorted order; characters
-    never seen in training map to `unk_token`.
+    never seen in training map to `unk_token` (with unk_token=None, encoding one raises instead).
     """
     roles = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
     specials = _all_special_tokens(special_tokens, roles)
@@ -416,15 +400,14 @@ def _check_str(value: Any, name: str) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename: a crash leaves the old file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file in the same directory, then rename: a crash leaves the old file.
+    (Not mkstemp: its 0600 mode would make a shared tokenizer unreadable to others.)"""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
