@@ -135,6 +135,8 @@ class ModelConfig:
             fail("position_offset", "a non-negative integer")
         if self.type_vocab_size < 0:
             fail("type_vocab_size", "a non-negative integer")
+        if self.parallel_residual and self.norm_placement != "pre":
+            fail("parallel_residual", "False unless norm_placement='pre'")
         if self.is_encoder_decoder and self.causal is False:
             fail("causal", "True for an encoder-decoder (the decoder is causal; the encoder is "
                  "always bidirectional)")
