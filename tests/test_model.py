@@ -198,3 +198,14 @@ def test_tied_head_shares_storage_and_bidirectional_encoder_sees_the_future():
     with torch.no_grad():
         assert (bert(ids).logits[:, 0] - bert(changed).logits[:, 0]).abs().max() > 1e-4
         assert (gpt2(ids).logits[:, 0] - gpt2(changed).logits[:, 0]).abs().max() < 1e-6
+
+
+def test_kv_cache_rejects_a_changed_batch_and_reorders():
+    cache = KVCache(capacity=4)
+    k = torch.randn(2, 2, 3, 8)
+    cache.update(0, k, k)
+    with pytest.raises(ValueError, match="reorder"):
+        cache.update(0, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    cache.reorder(torch.tensor([1]))
+    keys, _ = cache.update(0, torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))  # grows past 4
+    assert keys.shape == (1, 2, 5, 8) and torch.equal(keys[:, :, :3], k[1:])

@@ -36,15 +36,16 @@ class KVCache:
         self._ensure_layer(layer)
         start, new = self.lengths[layer], k.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is not None and start and buf_k.shape[0] != k.shape[0]:
+            raise ValueError(f"KVCache holds a batch of {buf_k.shape[0]} rows; got {k.shape[0]}. "
+                             "Call reorder(batch_index) to change the batch of a filled cache.")
         if buf_k is None or start + new > buf_k.shape[2] or buf_k.shape[0] != k.shape[0]:
-            capacity = max(self.capacity, start + new)
-            while capacity < start + new:
-                capacity *= 2
-            if buf_k is not None and start + new > buf_k.shape[2]:
-                capacity = max(capacity, 2 * buf_k.shape[2])
+            # Double on overflow, so appending n tokens one by one costs O(log n) copies.
+            old_capacity = buf_k.shape[2] if buf_k is not None else 0
+            capacity = max(self.capacity, start + new, 2 * old_capacity)
             grown_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
             grown_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
-            if buf_k is not None and start:
+            if start:
                 grown_k[:, :, :start] = buf_k[:, :, :start]
                 grown_v[:, :, :start] = buf_v[:, :, :start]
             buf_k, buf_v = grown_k, grown_v
