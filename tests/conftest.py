@@ -8,8 +8,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout (developer trees and CI clones alike).
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared beside the checkout (developer trees and CI clones alike); LLMKIT_SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("LLMKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # Quiet transformers' progress bars and stay offline: tests never download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 VOCAB = 300
-SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
+from conftest import SHARED_DATA  # noqa: E402
+SST2_DEV = SHARED_DATA / "sst2" / "dev.tsv"
 
 
 def _bert_config(**kw):

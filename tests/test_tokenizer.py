@@ -9,7 +9,7 @@ import pytest
 
 from llmkit.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, load_tokenizer, train_bpe, train_char
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA_DIR  # noqa: E402
 
 
 def data_file(name: str) -> Path:
