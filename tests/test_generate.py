@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llmkit
-from llmkit.generate import (SamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k,
+from llmkit.generation import (SamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k,
                              apply_top_p, generate, pick_tokens, process_logits, stream_generate)
 
 CAUSAL = ["llama-tiny", "gpt2-tiny", "mistral-tiny"]
@@ -374,3 +374,11 @@ def test_seq2seq_cached_logits_equal_teacher_forcing():
     unmasked = generate(model, ids, max_new_tokens=10, stop_token_ids=[], return_logits=True)[1]
     assert (unmasked[1] - step_logits[1]).abs().max() > 1e-4
     assert torch.equal(unmasked[0], step_logits[0])
+
+
+def test_package_level_generate_stays_the_function():
+    """`llmkit.generate` must be the function on every access (not shadowed by a submodule)."""
+    import llmkit
+    import llmkit.generation  # noqa: F401  (importing the module must not rebind the name)
+    assert callable(llmkit.generate) and callable(llmkit.generate)
+    assert llmkit.generate is llmkit.generation.generate

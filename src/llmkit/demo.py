@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .generate import generate
+from .generation import generate
 from .io import save_hf
 from .model import build_model
 from .presets import get_preset
