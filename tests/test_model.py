@@ -209,3 +209,11 @@ def test_kv_cache_rejects_a_changed_batch_and_reorders():
     cache.reorder(torch.tensor([1]))
     keys, _ = cache.update(0, torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))  # grows past 4
     assert keys.shape == (1, 2, 5, 8) and torch.equal(keys[:, :, :3], k[1:])
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    model = causal_lm("llama-tiny")
+    ids = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        full, last = model(ids).logits, model(ids, logits_to_keep=3).logits
+    assert last.shape == (2, 3, 512) and torch.equal(full[:, -3:], last)

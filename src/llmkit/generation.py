@@ -201,9 +201,9 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         elif padded:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)       # (B, T)
             next_pos = attention_mask.long().sum(-1)                                 # (B,)
-            out = model(tokens, attention_mask, position_ids=position_ids, cache=cache)
+            out = model(tokens, attention_mask, position_ids=position_ids, cache=cache, logits_to_keep=1)
         else:
-            out = model(tokens, cache=cache)
+            out = model(tokens, cache=cache, logits_to_keep=1)
         logits = out.logits[:, -1]                                                   # (B, V)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(n_new):

@@ -77,9 +77,12 @@ class CausalLM(LlmkitModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.embed_tokens.weight
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> ModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, *, logits_to_keep: int = 0, **kwargs) -> ModelOutput:
+        """logits_to_keep=n > 0 computes logits for the last n positions only (decoding needs 1;
+        the (B, T, V) projection of a long prompt is otherwise the largest tensor of a step)."""
         out = self.transformer(input_ids, attention_mask, **kwargs)
-        out.logits = self.lm_head(out.last_hidden_state)                               # (B, T, V)
+        hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+        out.logits = self.lm_head(hidden)                                              # (B, T or n, V)
         return out
 
 
