@@ -216,4 +216,4 @@ def test_logits_to_keep_returns_the_last_positions():
     ids = torch.randint(0, 512, (2, 10))
     with torch.no_grad():
         full, last = model(ids).logits, model(ids, logits_to_keep=3).logits
-    assert last.shape == (2, 3, 512) and torch.equal(full[:, -3:], last)
+    assert last.shape == (2, 3, 512) and (full[:, -3:] - last).abs().max() < 1e-6
