@@ -42,6 +42,7 @@ class ModelConfig:
     norm: str = "rmsnorm"
     norm_placement: str = "pre"       # pre: x + f(norm(x)); post: norm(x + f(x))
     norm_eps: float = 1e-5
+    norm_bias: bool = True            # LayerNorm bias (nanoGPT's bias=False drops it; RMSNorm has none)
     final_norm: bool = True           # a norm after the last block (pre-norm stacks need it)
     embed_norm: bool = False          # a norm right after the embeddings (BERT, BART)
     # ---- feed-forward ---------------------------------------------------------------------------
