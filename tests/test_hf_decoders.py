@@ -192,3 +192,13 @@ def test_bad_config_value_names_key(tmp_path):
     with pytest.raises(CheckpointError) as err:
         llmkit.load_hf(tmp_path)
     assert "config.json" in str(err.value) and "'num_attention_heads'" in str(err.value) and "'four'" in str(err.value)
+
+
+@pytest.mark.parametrize("preset, change", [("gpt2-tiny", dict(norm_bias=False)),
+                                            ("llama-tiny", dict(positional="alibi"))])
+def test_export_refuses_a_config_the_layout_cannot_hold(preset, change, tmp_path):
+    model = llmkit.build_model(llmkit.get_preset(preset, **change))
+    (name, value), = change.items()
+    with pytest.raises(CheckpointError, match=f"ModelConfig.{name}={value!r}"):
+        llmkit.save_hf(model, tmp_path)
+    assert not any(tmp_path.iterdir())   # nothing half-written

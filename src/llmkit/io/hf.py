@@ -104,6 +104,10 @@ def save_hf(model: LlmkitModel, path: PathLike, *, max_shard_size: Union[int, st
     if task not in family.TASKS:
         raise CheckpointError(f"{type(model).__name__} (task {task!r}) has no Hugging Face layout for "
                               f"family {config.family!r}; expected one of {sorted(family.TASKS)}")
+    for name, want in getattr(family, "LAYOUT", {}).items():
+        if getattr(config, name) != want:
+            raise CheckpointError(f"ModelConfig.{name}={getattr(config, name)!r}: the {config.family} layout "
+                                  f"expects {want!r}; export this model under another family")
     wanted = expected_tensors(model)
     rules = [r for r in family.rules(config, task) if r.ours in wanted]
     _check_rules_cover(rules, wanted)

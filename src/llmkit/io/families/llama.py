@@ -14,6 +14,9 @@ MODEL_TYPES = ("llama", "mistral")
 PREFIXES = ("model.",)
 TASKS = {"causal_lm": "ForCausalLM"}
 IGNORED = (r"rotary_emb\.inv_freq$",)
+# Flags a config must have for this layout to hold it (checked by save_hf before writing).
+LAYOUT = {"norm": "rmsnorm", "norm_placement": "pre", "positional": "rope", "gated_mlp": True,
+          "parallel_residual": False, "final_norm": True, "embed_norm": False, "type_vocab_size": 0}
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral"}
 
