@@ -26,6 +26,10 @@ IGNORED = (
     r"^lm_head\.weight$",                         # tied to model.shared (when tied)
     r"(encoder|decoder)\.version$",               # fairseq leftovers
 )
+# Flags a config must have for this layout to hold it (checked by save_hf before writing).
+LAYOUT = {"norm": "layernorm", "norm_placement": "post", "norm_bias": True, "positional": "learned",
+          "gated_mlp": False, "final_norm": False, "embed_norm": True, "attn_bias": True,
+          "attn_out_bias": True, "mlp_bias": True, "parallel_residual": False, "position_offset": 2}
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "relu": "relu", "silu": "silu", "swish": "silu"}
 _EXPORT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}

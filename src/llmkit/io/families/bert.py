@@ -25,6 +25,10 @@ IGNORED = (
     r"^cls\.predictions\.decoder\.bias$",         # alias of cls.predictions.bias (when tied)
     r"^cls\.predictions\.decoder\.weight$",       # tied to the word embeddings (when tied)
 )
+# Flags a config must have for this layout to hold it (checked by save_hf before writing).
+LAYOUT = {"norm": "layernorm", "norm_placement": "post", "norm_bias": True, "positional": "learned",
+          "gated_mlp": False, "final_norm": False, "embed_norm": True, "attn_bias": True,
+          "attn_out_bias": True, "mlp_bias": True, "parallel_residual": False, "causal": False}
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "relu": "relu", "silu": "silu", "swish": "silu"}
 _EXPORT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
