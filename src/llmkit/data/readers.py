@@ -1,0 +1,125 @@
+"""File readers behind iter_texts: txt (whole / lines / paragraphs), jsonl(.gz), tsv/csv, parquet."""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import DataError
+
+__all__ = ["iter_files"]
+
+
+def iter_files(paths: list[Path], text_field: str, mode: str) -> Iterator[str]:
+    for path in paths:
+        name = path.name.lower()
+        if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+            yield from _iter_jsonl(path, text_field)
+        elif name.endswith((".tsv", ".csv")):
+            yield from _iter_table(path, text_field)
+        elif name.endswith(".parquet"):
+            yield from _iter_parquet(path, text_field)
+        else:
+            yield from _iter_txt(path, mode)
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _iter_txt(path: Path, mode: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        if mode == "document":
+            text = f.read()
+            if text:
+                yield text
+        elif mode == "lines":
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line:
+                    yield line
+        else:  # paragraphs: runs of non-blank lines
+            paragraph: list[str] = []
+            for line in f:
+                if line.strip():
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "".join(paragraph).rstrip("\r\n")
+                    paragraph = []
+            if paragraph:
+                yield "".join(paragraph).rstrip("\r\n")
+
+
+def _field(record: Any, text_field: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+        raise DataError(f"{where}: missing field {text_field!r} (fields present: {sorted(record)[:20]}); "
+                        "set text_field= to the field holding the text")
+    value = record[text_field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    """JSON Lines; a .json file holding one JSON array of records is read whole instead."""
+    if path.name.lower().endswith(".json"):
+        with _open_text(path) as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            try:
+                records = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise DataError(f"'{path}': not valid JSON ({err})") from err
+            for i, record in enumerate(records):
+                text = _field(record, text_field, f"'{path}' record {i}")
+                if text:
+                    yield text
+            return
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
+            text = _field(record, text_field, f"'{path}' line {lineno}")
+            if text:
+                yield text
+
+
+def _iter_table(path: Path, text_field: str) -> Iterator[str]:
+    delimiter = "\t" if path.name.lower().endswith(".tsv") else ","
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            raise DataError(f"'{path}': no column {text_field!r} in the header (columns: {reader.fieldnames}); "
+                            "set text_field= to the column holding the text")
+        for row in reader:
+            text = row.get(text_field)
+            if text:
+                yield text
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # pragma: no cover - pyarrow comes with datasets
+        raise DataError(f"'{path}': reading parquet needs pyarrow (pip install pyarrow)") from err
+    pf = pq.ParquetFile(path)
+    columns = pf.schema_arrow.names
+    if text_field not in columns:
+        raise DataError(f"'{path}': no column {text_field!r} (columns: {columns}); set text_field=")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield text
