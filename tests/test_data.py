@@ -230,10 +230,10 @@ def test_random_windows_shift_determinism_resume_ranks():
     batches = [next(loader) for _ in range(6)]
     for step, b in enumerate(batches):
         assert b["input_ids"].shape == (8, 16) and b["input_ids"].dtype == torch.int64
-        assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
+        assert torch.equal(b["targets"][:, :-1], b["input_ids"][:, 1:])
         for row, start in zip(b["input_ids"], RandomWindowBatches(tokens, 8, 16, seed=3).offsets(step)):
             assert torch.equal(row, torch.from_numpy(tokens[start:start + 16].astype(np.int64)))
-            assert int(b["labels"][0, -1]) == int(tokens[RandomWindowBatches(tokens, 8, 16, seed=3).offsets(step)[0] + 16])
+            assert int(b["targets"][0, -1]) == int(tokens[RandomWindowBatches(tokens, 8, 16, seed=3).offsets(step)[0] + 16])
     again = RandomWindowBatches(tokens, 8, 16, seed=3)
     assert all(torch.equal(next(again)["input_ids"], b["input_ids"]) for b in batches)
     assert not torch.equal(next(RandomWindowBatches(tokens, 8, 16, seed=4))["input_ids"], batches[0]["input_ids"])
@@ -283,7 +283,7 @@ def test_packed_covers_every_block_once_per_epoch_and_resumes():
     for _ in range(2):
         ids = [next(loader) for _ in range(len(loader))]
         for b in ids:
-            assert torch.equal(b["labels"], b["input_ids"] + 1)  # tokens are 0, 1, 2, ...: shifted by one
+            assert torch.equal(b["targets"], b["input_ids"] + 1)  # tokens are 0, 1, 2, ...: shifted by one
         starts = torch.cat([b["input_ids"][:, 0] for b in ids]).tolist()
         assert len(set(starts)) == 40 and all(s % T == 0 for s in starts)  # 40 distinct blocks, no repeats
         epochs.append(starts)
@@ -328,7 +328,7 @@ def test_streaming_equals_packed_and_resumes(char_tok):
     stream = StreamingBatches(lambda: iter(texts), char_tok, B, T, encode_chunk=7)
     for _ in range(2 * len(packed) + 3):  # across two epoch boundaries
         p, s = next(packed), next(stream)
-        assert torch.equal(p["input_ids"], s["input_ids"]) and torch.equal(p["labels"], s["labels"])
+        assert torch.equal(p["input_ids"], s["input_ids"]) and torch.equal(p["targets"], s["targets"])
     assert stream.epoch == packed.epoch == 2
     assert len(list(stream.iter_once())) == len(packed)
     # resume mid-epoch

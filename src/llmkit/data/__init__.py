@@ -6,7 +6,7 @@
     val    = PackedBatches(load_shards("shards/", "val"), 12, 64, shuffle=False)   # val.iter_once()
     stream = StreamingBatches(lambda: iter_texts(paths), tokenizer, 8, 256)       # bigger than memory
 
-Every batch loader yields {"input_ids", "labels"} (plus "position_ids"/"doc_ids" on request), takes
+Every batch loader yields {"input_ids", "targets"} (plus "position_ids"/"doc_ids" on request), takes
 rank/world_size, and has state_dict()/load_state_dict() for exact resume.
 """
 from .batches import PackedBatches, RandomWindowBatches, as_token_array, make_batch

@@ -2,8 +2,12 @@
 
 Every loader here is an iterator of dict batches
 
-    {"input_ids": (b, T) int64, "labels": (b, T) int64}          labels[i, t] = the token after input_ids[i, t]
+    {"input_ids": (b, T) int64, "targets": (b, T) int64}         targets[i, t] = the token after input_ids[i, t]
     + {"position_ids": (b, T), "doc_ids": (b, T)}                  with reset_positions_at_eos=True
+
+"targets" are already shifted (every position predicts the next token, nanoGPT-style), unlike
+Hugging Face's "labels", which are aligned with input_ids and shifted inside the loss; the two
+names keep the conventions apart (`llmkit.objectives.clm_loss` accepts either).
 
 with `state_dict()` / `load_state_dict(state)` holding plain ints, so a resumed run continues with
 exactly the batches an uninterrupted run would have seen, and `rank` / `world_size` arguments: each
@@ -68,7 +72,7 @@ def make_batch(windows: np.ndarray, eos_token_id: int | None = None, reset_posit
     """(b, T+1) token windows -> the batch dict (see the module docstring)."""
     windows = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     x = windows[:, :-1]  # (b, T)
-    batch = {"input_ids": x.contiguous(), "labels": windows[:, 1:].contiguous()}
+    batch = {"input_ids": x.contiguous(), "targets": windows[:, 1:].contiguous()}
     if reset_positions_at_eos:
         b, T = x.shape
         starts = torch.zeros((b, T), dtype=torch.bool)  # (b, T): a new document starts here
