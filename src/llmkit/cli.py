@@ -1,32 +1,134 @@
-"""`llmkit <command>`: the command-line entry point."""
+"""`llmkit <command> [recipe.yaml] [key=value ...]`: the command-line entry point.
+
+Every command reads an optional YAML recipe, then `key=value` overrides (dotted for sections:
+`train.lr=1e-3`), validates the result against the command's schema and runs it. `--help` on a
+command lists its keys with their defaults.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from .recipes import RecipeError, apply_overrides, build, load_yaml
+
+
+@dataclass
+class GenerateRecipe:
+    model: str = "runs/demo/model"       # a Hugging Face or llmkit checkpoint folder (with its tokenizer)
+    prompt: str = ""
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ConvertRecipe:
+    source: str = ""                     # checkpoint folder: Hugging Face (config.json) or llmkit
+    target: str = ""                     # output folder
+    format: str = "hf"                   # hf | llmkit
+
+    def __post_init__(self):
+        if self.format not in ("hf", "llmkit"):
+            raise ValueError(f"format={self.format!r}: expected 'hf' or 'llmkit'")
+
+
+@dataclass
+class DemoRecipe:
+    out: str = "runs/demo"
+    steps: int = 1500
+    seed: int = 0
+
+
+def _pretrain_schema():
+    from .pretrain import PretrainRecipe
+    return PretrainRecipe
+
+
+COMMANDS = {
+    "pretrain": ("pretrain a model from a recipe (see recipes/)", _pretrain_schema),
+    "generate": ("generate text from a checkpoint", lambda: GenerateRecipe),
+    "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),
+    "demo": ("the end-to-end demo on synthetic data, on a CPU", lambda: DemoRecipe),
+}
+
+
+def describe_keys(schema, prefix: str = "") -> list[str]:
+    lines = []
+    for f in dataclasses.fields(schema):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            lines += describe_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            lines.append(f"  {prefix}{f.name}={default!r}")
+    return lines
+
+
+def read_words(words: list[str]) -> dict:
+    """[recipe.yaml] [key=value ...] -> the merged recipe mapping."""
+    recipe_path = words[0] if words and words[0].endswith((".yaml", ".yml")) else None
+    overrides = words[1:] if recipe_path else words
+    return apply_overrides(load_yaml(recipe_path) if recipe_path else {}, overrides)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llmkit", description="One toolkit for the whole life of a language model.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="train a small model on synthetic additions, end to end on a CPU")
-    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
-    demo.add_argument("--seed", type=int, default=0)
-
-    convert = commands.add_parser("convert", help="load a Hugging Face checkpoint and write it back (validates it)")
-    convert.add_argument("source", help="folder with config.json and model.safetensors")
-    convert.add_argument("target", help="output folder")
-
+    parser = argparse.ArgumentParser(prog="llmkit", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (summary, schema) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary,
+                                  epilog="keys (key=value, defaults shown):\n" + "\n".join(describe_keys(schema())),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("words", nargs="*", metavar="[recipe.yaml] [key=value ...]")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-        run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
-    elif args.command == "convert":
-        from .io import load_hf, save_hf
-        save_hf(load_hf(args.source, dtype="auto"), args.target)
-        print(f"wrote {args.target}")
+    try:
+        data = read_words(args.words)
+        if args.command == "pretrain":
+            from .pretrain import parse_recipe, run_pretrain
+            run_pretrain(parse_recipe(data))
+            return 0
+        job = build(COMMANDS[args.command][1](), data)
+        if args.command == "generate":
+            run_generate(job)
+        elif args.command == "convert":
+            run_convert(job)
+        else:
+            from .demo import run_demo
+            run_demo(out_dir=job.out, steps=job.steps, seed=job.seed)
+    except RecipeError as exc:
+        print(f"llmkit {args.command}: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def run_generate(job: GenerateRecipe) -> None:
+    import torch
+
+    from .generation import generate
+    from .io import load_any
+    from .tokenizer import load_tokenizer
+    model, tokenizer = load_any(job.model), load_tokenizer(job.model)
+    ids = tokenizer.encode(job.prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
+    out = generate(model, torch.tensor([ids]), max_new_tokens=job.max_new_tokens, do_sample=job.do_sample,
+                   temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
+                   repetition_penalty=job.repetition_penalty, generator=torch.Generator().manual_seed(job.seed))
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def run_convert(job: ConvertRecipe) -> None:
+    from .io import load_any, save_hf, save_llmkit
+    if not job.source or not job.target:
+        raise RecipeError(f"convert: source={job.source!r} target={job.target!r}: expected two folders")
+    model = load_any(job.source)
+    (save_hf if job.format == "hf" else save_llmkit)(model, job.target)
+    print(f"wrote {job.target} ({job.format})")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def build(schema: type, data: Any, where: str = "") -> Any:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
             raise RecipeError(f"unknown recipe key {dotted!r}{hint}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
+        kwargs[key] = coerce(hints[key], value, dotted)
     try:
         return schema(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -79,7 +79,7 @@ def build(schema: type, data: Any, where: str = "") -> Any:
         raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
 
 
-def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+def coerce(hint: Any, value: Any, dotted: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -89,7 +89,7 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _coerce(option, value, dotted)
+                return coerce(option, value, dotted)
             except RecipeError as exc:
                 errors.append(exc)
         raise errors[-1] if len([a for a in args if a is not type(None)]) == 1 else RecipeError(
@@ -100,11 +100,13 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         return value
     if dataclasses.is_dataclass(hint):
         return build(hint, value, dotted)
+    if hint in (list, tuple):  # a bare `tuple` / `list` annotation: any items
+        origin = hint
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{dotted}={value!r}: expected a list ({_name(hint)})")
         inner = args[0] if args else Any
-        items = [_coerce(inner, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(inner, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
