@@ -14,11 +14,14 @@ from llmkit.cli import main
 
 def test_demo_short_run_writes_a_loadable_checkpoint(tmp_path, capsys):
     from llmkit.demo import run_demo
-    metrics = run_demo(out_dir=str(tmp_path), steps=40)
+    summary = run_demo(out_dir=str(tmp_path), steps=40, questions=20)
     printed = capsys.readouterr().out
-    assert "before:" in printed and "after:" in printed and "sample:" in printed
-    assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"]   # 40 steps already learn
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert "before:" in printed and "after:" in printed and "held-out" in printed
+    pretrain = summary["pretrain"]
+    assert pretrain["after"]["val_loss"] < pretrain["before"]["val_loss"]   # 40 steps already learn
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    for name in ("metrics.jsonl", "loss.png", "recipe.yaml", "model/config.json", "model/tokenizer.json"):
+        assert (tmp_path / name).is_file(), name
     model = llmkit.load_hf(tmp_path / "model")
     tokenizer = llmkit.load_tokenizer(tmp_path / "model")
     ids = torch.tensor([tokenizer.encode("12+34=", add_special_tokens=False)])
@@ -26,13 +29,12 @@ def test_demo_short_run_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_default_run_learns_addition(tmp_path):
+def test_demo_default_run_learns(tmp_path):
     from llmkit.demo import run_demo
-    metrics = run_demo(out_dir=str(tmp_path))
-    # seen: 94.5% exact match after 1500 steps (from 0%), val loss 2.73 -> 0.92
-    assert metrics["before"]["exact_match"] < 0.05
-    assert metrics["after"]["exact_match"] > 0.6
-    assert metrics["after"]["val_loss"] < 1.1
+    summary = run_demo(out_dir=str(tmp_path))
+    before, after = summary["pretrain"]["before"], summary["pretrain"]["after"]
+    assert after["exact_match"] > before["exact_match"] + 0.2
+    assert after["val_loss"] < before["val_loss"] - 1.0
 
 
 def test_cli_help_and_convert(tmp_path):
@@ -40,7 +42,7 @@ def test_cli_help_and_convert(tmp_path):
     assert result.returncode == 0 and "demo" in result.stdout and "convert" in result.stdout
     model = llmkit.build_model(llmkit.get_preset("gpt2-tiny"))
     llmkit.save_hf(model, tmp_path / "a")
-    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert main(["convert", f"source={tmp_path / 'a'}", f"target={tmp_path / 'b'}"]) == 0
     ids = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, llmkit.load_hf(tmp_path / "b")(ids).logits)

@@ -1,117 +1,83 @@
-"""`llmkit demo`: the README's first command, end to end on a laptop CPU with nothing downloaded.
+"""`llmkit demo`: the README's main job, end to end on a laptop CPU with nothing downloaded.
 
-It writes procedurally generated two-digit additions ("37+45=82"), trains a character tokenizer on
-them, pretrains a small Llama-style decoder with the causal LM loss, and reports validation loss
-and exact-match accuracy on held-out questions before and after, with a few samples. The run
-folder gets the Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json) and the
-metrics as JSON. The training engine issue replaces the plain loop below with the Trainer.
+Stages (later issues add theirs: SFT, preference alignment, ...):
+1. data: `llmkit.data.synthetic` writes procedural tasks with exact answers (arithmetic,
+   copy/reverse, key-value recall, facts about a made-up world); a character tokenizer is trained.
+2. pretrain: a small Llama-style decoder learns them with the causal LM loss on the Trainer.
+3. report: validation loss and exact-match accuracy on held-out questions (prompts never seen in
+   training), before and after, plus samples.
+The run folder gets the Hugging Face checkpoint with its tokenizer, metrics.jsonl, TensorBoard
+events, loss.png and summary.json.
 """
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
+from .data.synthetic import SyntheticTasks, exact_match
 from .generation import generate
-from .io import save_hf
-from .model import build_model
-from .presets import get_preset
-from .tokenizer import train_char
+from .pretrain import parse_recipe, prepare_pretraining, save_model
+
+DEMO_RECIPE = {
+    "model": {"preset": "llama-tiny", "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+              "d_ff": 352, "max_seq_len": 256},
+    "data": {"source": "synthetic", "synthetic_examples": 30000, "tokenizer": "char", "block_size": 96,
+             "batch_size": 32, "val_fraction": 0.05},
+    "train": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 100, "weight_decay": 0.1, "betas": [0.9, 0.98],
+              "eval_every": 250, "eval_batches": 10, "log_every": 25, "precision": "bf16", "keep_last": 1},
+    "objective": "clm",
+}
 
 
-def addition_lines(n: int, rng: random.Random) -> list[str]:
-    return [f"{a}+{b}={a + b}" for a, b in ((rng.randrange(100), rng.randrange(100)) for _ in range(n))]
-
-
-def batches(ids: list[list[int]], batch_size: int, rng: random.Random, pad: int):
-    """Endless shuffled right-padded batches of (input, target); padding targets are -100."""
-    while True:
-        rows = rng.sample(ids, batch_size)
-        width = max(map(len, rows))
-        x = torch.full((batch_size, width), pad)
-        for i, row in enumerate(rows):
-            x[i, : len(row)] = torch.tensor(row)
-        y = x[:, 1:].masked_fill(x[:, 1:] == pad, -100)
-        yield x[:, :-1], y
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, questions: list[str], answers: list[str]) -> float:
+def answer_questions(model, tokenizer, examples, max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers. Each prompt starts after an EOS, as every training document does."""
     eos = tokenizer.eos_token_id
-    correct = 0
-    for question, answer in zip(questions, answers):
-        prompt = torch.tensor([tokenizer.encode(question, add_special_tokens=False)])
-        out = generate(model, prompt, max_new_tokens=5, stop_token_ids=[eos])
-        text = tokenizer.decode(out[0, prompt.shape[1]:].tolist())
-        correct += text.strip() == answer
-    return correct / len(questions)
+    answers = []
+    for example in examples:
+        prompt = torch.tensor([[eos] + tokenizer.encode(example.prompt, add_special_tokens=False)])
+        out = generate(model, prompt, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
+        answers.append(tokenizer.decode(out[0, prompt.shape[1]:].tolist()))
+    return answers
 
 
-@torch.no_grad()
-def validation_loss(model, val_batches) -> float:
-    losses = [F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100).item()
-              for x, y in val_batches]
-    return sum(losses) / len(losses)
+def evaluate(setup, examples) -> dict:
+    trainer = setup.trainer(progress=False)
+    val_loss = trainer.evaluate()["loss"]
+    predictions = answer_questions(setup.model, setup.tokenizer, examples)
+    return {"val_loss": round(val_loss, 4), "exact_match": round(exact_match(predictions, examples), 4)}
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int = 1500, seed: int = 0, batch_size: int = 64,
-             lr: float = 3e-3) -> dict:
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_text, val_text = addition_lines(20000, rng), addition_lines(400, rng)
-    tokenizer = train_char(texts=train_text, special_tokens=("<pad>", "<|endoftext|>"), pad_token="<pad>")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    encode = lambda line: tokenizer.encode(line, add_special_tokens=False) + [eos]
-    train_ids, val_ids = [encode(t) for t in train_text], [encode(t) for t in val_text]
+def run_demo(out_dir: str = "runs/demo", steps: int = 1500, seed: int = 0, questions: int = 200) -> dict:
+    start = time.time()
+    recipe = parse_recipe({**DEMO_RECIPE, "train": {**DEMO_RECIPE["train"], "out_dir": out_dir,
+                                                    "max_steps": steps, "seed": seed,
+                                                    "warmup_steps": min(100, steps // 10)}})
+    print("== stage 1: synthetic data and a character tokenizer")
+    setup = prepare_pretraining(recipe)
+    held_out = SyntheticTasks(seed=recipe.data.seed).sample(questions, split="test")
 
-    config = get_preset("llama-tiny", vocab_size=tokenizer.vocab_size, d_model=128, n_layers=4,
-                        n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=32, eos_token_id=eos,
-                        pad_token_id=pad)
-    model = build_model(config)
-    questions = [t.split("=")[0] + "=" for t in val_text[:200]]
-    answers = [t.split("=")[1] for t in val_text[:200]]
-    val_batches = [next(batches(val_ids, 100, random.Random(i), pad)) for i in range(4)]
-
-    model.eval()
-    before = {"val_loss": validation_loss(model, val_batches), "exact_match": exact_match(model, tokenizer, questions, answers)}
-    print(f"before: val loss {before['val_loss']:.3f}, exact match {before['exact_match']:.1%}")
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    model.train()
-    data, start = batches(train_ids, batch_size, rng, pad), time.time()
-    progress = tqdm(range(steps), desc="pretrain", unit="step")
-    for step in progress:
-        x, y = next(data)
-        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 20 == 0:
-            progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
-    train_seconds = time.time() - start
-
-    model.eval()
-    after = {"val_loss": validation_loss(model, val_batches), "exact_match": exact_match(model, tokenizer, questions, answers)}
+    print("== stage 2: pretraining (causal LM)")
+    before = evaluate(setup, held_out)
+    print(f"before: val loss {before['val_loss']:.3f}, exact match {before['exact_match']:.1%} "
+          f"on {questions} held-out questions")
+    result = setup.trainer().fit()
+    after = evaluate(setup, held_out)
     print(f"after:  val loss {after['val_loss']:.3f}, exact match {after['exact_match']:.1%} "
-          f"({steps} steps, {train_seconds:.0f} s)")
-    for question in questions[:5]:
-        prompt = torch.tensor([tokenizer.encode(question, add_special_tokens=False)])
-        sample = generate(model, prompt, max_new_tokens=5, stop_token_ids=[eos])
-        print("  sample:", tokenizer.decode(sample[0].tolist()))
+          f"({result.step} steps)")
 
-    save_hf(model, out / "model")
-    tokenizer.save(out / "model")
-    metrics = {"before": before, "after": after, "steps": steps, "train_seconds": round(train_seconds, 1)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'model'} (Hugging Face format) and {out / 'metrics.json'}")
-    return metrics
+    print("== samples (held-out questions, greedy)")
+    for example, answer in zip(held_out[:6], answer_questions(setup.model, setup.tokenizer, held_out[:6])):
+        mark = "ok" if answer.strip() == example.answer else f"expected {example.answer}"
+        print(f"  {example.prompt}{answer.strip():<10} [{mark}]")
+
+    out = Path(out_dir)
+    save_model(setup.model, setup.tokenizer, out / "model")
+    summary = {"pretrain": {"before": before, "after": after, "steps": result.step},
+               "seconds": round(time.time() - start, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out}/: model/ (Hugging Face format + tokenizer), metrics.jsonl, loss.png, "
+          f"tensorboard/, summary.json  [{summary['seconds']:.0f} s]")
+    return summary

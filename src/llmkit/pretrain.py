@@ -14,6 +14,7 @@ TensorBoard events, `loss.png` and `checkpoints/`.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import time
 import typing
@@ -29,12 +30,13 @@ from .data.synthetic import SyntheticTasks
 from .generation import generate
 from .io import load_any, save_hf, save_llmkit
 from .io.errors import CheckpointError
+from .io.hf import task_of
 from .model import build_model
 from .objectives.clm import clm_loss
 from .presets import get_preset
 from .recipes import RecipeError, build, coerce, to_yaml
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, load_model_tensors
 from .train.distributed import rank_and_world_size
 
 OBJECTIVES = {"clm": clm_loss}
@@ -126,7 +128,25 @@ def build_model_from_section(section: dict, tokenizer: Tokenizer):
     return build_model(config, "causal_lm")
 
 
-def run_pretrain(recipe: PretrainRecipe) -> dict:
+@dataclass
+class PretrainSetup:
+    """Everything a pretraining run needs, built from a recipe (the demo uses it step by step)."""
+    recipe: PretrainRecipe
+    tokenizer: Tokenizer
+    model: Any
+    train_batches: Any
+    val_data: Any
+    out_dir: Path
+    rank: int = 0
+
+    def trainer(self, **overrides) -> Trainer:
+        config = dataclasses.replace(self.recipe.train, **overrides) if overrides else self.recipe.train
+        return Trainer(self.model, OBJECTIVES[self.recipe.objective], self.train_batches,
+                       val_data=self.val_data, config=config)
+
+
+def prepare_pretraining(recipe: PretrainRecipe) -> PretrainSetup:
+    """Tokenizer, token shards (rank 0 builds, other ranks wait), batches and the model."""
     rank, world = rank_and_world_size()
     out = Path(recipe.train.out_dir)
     data = recipe.data
@@ -134,8 +154,6 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
     if source == "synthetic":
         source = SyntheticTasks(seed=data.seed).pretraining_text(data.synthetic_examples, include_world=True)
     cache = Path(data.cache_dir) if data.cache_dir else out / "data"
-    model_dir = out / "model"
-
     if rank == 0:
         tokenizer = make_tokenizer(data, source)
         tokenizer.save(cache / "tokenizer")
@@ -148,33 +166,40 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
         tokenizer = load_tokenizer(cache / "tokenizer")
     train_tokens, val_tokens = load_shards(cache, "train"), load_shards(cache, "val")
 
-    if data.sampling == "random":
-        train_batches = RandomWindowBatches(train_tokens, data.batch_size, data.block_size,
-                                            seed=recipe.train.seed, rank=rank, world_size=world)
-    else:
-        train_batches = PackedBatches(train_tokens, data.batch_size, data.block_size,
-                                      seed=recipe.train.seed, rank=rank, world_size=world)
-    # Validation: the same fixed windows every evaluation, so val curves compare across steps.
-    val_source = RandomWindowBatches(val_tokens, data.batch_size, data.block_size, seed=12345, rank=rank,
-                                     world_size=world)
-    val_data = lambda: (val_source.batch_at(i) for i in range(recipe.train.eval_batches))  # noqa: E731
+    batches = RandomWindowBatches if data.sampling == "random" else PackedBatches
+    train_batches = batches(train_tokens, data.batch_size, data.block_size, seed=recipe.train.seed,
+                            rank=rank, world_size=world)
+    # Validation: the same fixed windows at every evaluation, so val curves compare across steps.
+    val_windows = RandomWindowBatches(val_tokens, data.batch_size, data.block_size, seed=12345, rank=rank,
+                                      world_size=world)
+    val_data = lambda: (val_windows.batch_at(i) for i in range(recipe.train.eval_batches))  # noqa: E731
 
     torch.manual_seed(recipe.train.seed)
     model = build_model_from_section(recipe.model, tokenizer)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
-        print(f"model: {type(model).__name__} {model.config.family} {model.num_parameters() / 1e6:.2f}M parameters")
+        print(f"model: {type(model).__name__} ({model.config.family} layout), "
+              f"{model.num_parameters() / 1e6:.2f}M parameters")
+    return PretrainSetup(recipe, tokenizer, model, train_batches, val_data, out, rank)
+
+
+def run_pretrain(recipe: PretrainRecipe) -> dict:
+    setup = prepare_pretraining(recipe)
     start = time.time()
-    result = Trainer(model, OBJECTIVES[recipe.objective], train_batches, val_data=val_data,
-                     config=recipe.train).fit()
+    result = setup.trainer().fit()
     seconds = time.time() - start
     summary = {"status": result.status, "step": result.step, "train_loss": result.train_loss,
                "val_loss": result.val_loss, "seconds": round(seconds, 1)}
-    if rank == 0:
-        save_model(model, tokenizer, model_dir)
-        summary["samples"] = write_samples(model, tokenizer, recipe, out)
-        print(f"done: step {result.step}, val loss {result.val_loss}, {seconds:.0f} s; model in {model_dir}")
+    if setup.rank == 0:
+        model = setup.model
+        if recipe.train.distributed == "fsdp":  # the trained module is sharded: export the full
+            model = build_model(model.config, task_of(model))  # state rank 0 wrote at the end
+            model.load_state_dict(load_model_tensors(result.checkpoint))
+        save_model(model, setup.tokenizer, setup.out_dir / "model")
+        summary["samples"] = write_samples(model, setup.tokenizer, recipe, setup.out_dir)
+        print(f"done: step {result.step}, val loss {result.val_loss}, {seconds:.0f} s; "
+              f"model in {setup.out_dir / 'model'}")
     return summary
 
 

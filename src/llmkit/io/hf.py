@@ -129,7 +129,7 @@ def save_hf(model: LlmkitModel, path: PathLike, *, max_shard_size: Union[int, st
 
 def task_of(model: LlmkitModel) -> str:
     for task, builder in TASKS.items():
-        if isinstance(builder, type) and type(model) is builder:
+        if isinstance(builder, type) and isinstance(model, builder):  # FSDP2 subclasses it
             if task == "masked_lm" and getattr(model, "nsp_head", None) is not None:
                 return "pretraining"
             return task
