@@ -25,21 +25,20 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import ConfigError, ModelConfig
-from .data import PackedBatches, RandomWindowBatches, build_shards, iter_texts, load_shards
+from .data import iter_texts
 from .data.synthetic import SyntheticTasks
 from .generation import generate
 from .io import load_any, save_hf, save_llmkit
 from .io.errors import CheckpointError
 from .io.hf import task_of
-from .model import build_model
-from .objectives.clm import clm_loss
+from .model import TASKS, build_model
+from .objectives import make_objective
+from .objectives.base import build_once
 from .presets import get_preset
 from .recipes import RecipeError, build, coerce, to_yaml
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 from .train import TrainConfig, Trainer, load_model_tensors
 from .train.distributed import rank_and_world_size
-
-OBJECTIVES = {"clm": clm_loss}
 
 
 @dataclass
@@ -70,14 +69,13 @@ class PretrainRecipe:
     model: dict = field(default_factory=lambda: {"preset": "gpt2-tiny"})
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
-    objective: str = "clm"
+    objective: Union[str, dict] = "clm"  # a name, or {name: weight, ...} for a weighted mix
     samples: int = 2                   # texts generated at the end, printed and saved
     sample_tokens: int = 120
     sample_prompt: str = ""
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r}: expected one of {sorted(OBJECTIVES)}")
+        make_objective(self.objective)  # raises naming the objective and the known ones
 
 
 def parse_recipe(data: dict) -> PretrainRecipe:
@@ -99,6 +97,11 @@ def check_model_section(section: dict) -> None:
             close = difflib.get_close_matches(key, list(hints) + ["preset", "from"], n=1, cutoff=0.5)
             raise RecipeError(f"unknown recipe key 'model.{key}'" + (f"; did you mean {close[0]!r}?" if close else ""))
         coerce(hints[key], value, f"model.{key}")
+    if "from" not in section:  # build the config now (vocab comes later) so bad values fail early
+        try:
+            get_preset(section.get("preset", "gpt2-tiny"), **{k: v for k, v in section.items() if k != "preset"})
+        except (ConfigError, ValueError) as exc:
+            raise RecipeError(f"model: {exc}") from exc
 
 
 def make_tokenizer(data: DataSection, texts_source: Any) -> Tokenizer:
@@ -111,7 +114,7 @@ def make_tokenizer(data: DataSection, texts_source: Any) -> Tokenizer:
     return load_tokenizer(data.tokenizer)
 
 
-def build_model_from_section(section: dict, tokenizer: Tokenizer):
+def build_model_from_section(section: dict, tokenizer: Tokenizer, task: str = "causal_lm"):
     fields = {k: v for k, v in section.items() if k not in ("preset", "from")}
     if "from" in section:
         model = load_any(section["from"])
@@ -125,13 +128,16 @@ def build_model_from_section(section: dict, tokenizer: Tokenizer):
         config = get_preset(section.get("preset", "gpt2-tiny"), **fields)
     except ConfigError as exc:
         raise RecipeError(f"model: {exc}") from exc
-    return build_model(config, "causal_lm")
+    if task in TASKS:
+        return build_model(config, task)
+    raise RecipeError(f"objective needs model task {task!r}: expected one of {sorted(TASKS)}")
 
 
 @dataclass
 class PretrainSetup:
     """Everything a pretraining run needs, built from a recipe (the demo uses it step by step)."""
     recipe: PretrainRecipe
+    objective: Any
     tokenizer: Tokenizer
     model: Any
     train_batches: Any
@@ -141,8 +147,7 @@ class PretrainSetup:
 
     def trainer(self, **overrides) -> Trainer:
         config = dataclasses.replace(self.recipe.train, **overrides) if overrides else self.recipe.train
-        return Trainer(self.model, OBJECTIVES[self.recipe.objective], self.train_batches,
-                       val_data=self.val_data, config=config)
+        return Trainer(self.model, self.objective.loss, self.train_batches, val_data=self.val_data, config=config)
 
 
 def prepare_pretraining(recipe: PretrainRecipe) -> PretrainSetup:
@@ -153,35 +158,25 @@ def prepare_pretraining(recipe: PretrainRecipe) -> PretrainSetup:
     source = data.source
     if source == "synthetic":
         source = SyntheticTasks(seed=data.seed).pretraining_text(data.synthetic_examples, include_world=True)
-    cache = Path(data.cache_dir) if data.cache_dir else out / "data"
-    if rank == 0:
-        tokenizer = make_tokenizer(data, source)
-        tokenizer.save(cache / "tokenizer")
-        shards = build_shards(source, tokenizer, cache, val_fraction=data.val_fraction, seed=data.seed,
-                              text_field=data.text_field, split_lines=data.split_lines)
-        print(f"data: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, "
-              f"vocab {tokenizer.vocab_size} ({'reused' if shards.reused else 'built'} in {cache})")
-    else:  # the other ranks wait for rank 0's build: meta.json is written last
-        _wait_for(cache / "meta.json")
-        tokenizer = load_tokenizer(cache / "tokenizer")
-    train_tokens, val_tokens = load_shards(cache, "train"), load_shards(cache, "val")
+    data = dataclasses.replace(data, cache_dir=str(Path(data.cache_dir) if data.cache_dir else out / "data"))
+    tokenizer_dir = Path(data.cache_dir) / "tokenizer"
 
-    batches = RandomWindowBatches if data.sampling == "random" else PackedBatches
-    train_batches = batches(train_tokens, data.batch_size, data.block_size, seed=recipe.train.seed,
-                            rank=rank, world_size=world)
-    # Validation: the same fixed windows at every evaluation, so val curves compare across steps.
-    val_windows = RandomWindowBatches(val_tokens, data.batch_size, data.block_size, seed=12345, rank=rank,
-                                      world_size=world)
-    val_data = lambda: (val_windows.batch_at(i) for i in range(recipe.train.eval_batches))  # noqa: E731
+    def train_tokenizer():
+        make_tokenizer(data, source).save(tokenizer_dir)
+    build_once(rank, tokenizer_dir / "special_tokens_map.json", train_tokenizer)  # written last
+    tokenizer = load_tokenizer(tokenizer_dir)
+    objective = make_objective(recipe.objective)
+    made = objective.make_data(source, tokenizer, data, rank=rank, world_size=world, seed=recipe.train.seed,
+                               eval_batches=recipe.train.eval_batches)
 
     torch.manual_seed(recipe.train.seed)
-    model = build_model_from_section(recipe.model, tokenizer)
+    model = build_model_from_section(recipe.model, tokenizer, objective.task)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
         print(f"model: {type(model).__name__} ({model.config.family} layout), "
               f"{model.num_parameters() / 1e6:.2f}M parameters")
-    return PretrainSetup(recipe, tokenizer, model, train_batches, val_data, out, rank)
+    return PretrainSetup(recipe, objective, tokenizer, model, made.train, made.val, out, rank)
 
 
 def run_pretrain(recipe: PretrainRecipe) -> dict:
@@ -197,7 +192,8 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
             model = build_model(model.config, task_of(model))  # state rank 0 wrote at the end
             model.load_state_dict(load_model_tensors(result.checkpoint))
         save_model(model, setup.tokenizer, setup.out_dir / "model")
-        summary["samples"] = write_samples(model, setup.tokenizer, recipe, setup.out_dir)
+        if setup.objective.task == "causal_lm":
+            summary["samples"] = write_samples(model, setup.tokenizer, recipe, setup.out_dir)
         print(f"done: step {result.step}, val loss {result.val_loss}, {seconds:.0f} s; "
               f"model in {setup.out_dir / 'model'}")
     return summary
@@ -227,11 +223,3 @@ def write_samples(model, tokenizer: Tokenizer, recipe: PretrainRecipe, out: Path
         print(f"--- sample {i + 1} ---\n{texts[-1]}")
     (out / "samples.txt").write_text("\n\n".join(texts))
     return texts
-
-
-def _wait_for(path: Path, timeout: float = 3600.0) -> None:
-    deadline = time.time() + timeout
-    while not path.is_file():
-        if time.time() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {path}")
-        time.sleep(0.5)

@@ -1,6 +1,29 @@
-"""Pretraining objectives: `loss, metrics = objective(model, batch)`; the Trainer knows nothing else."""
-from .clm import IGNORE_INDEX, clm_loss
+"""Pretraining objectives: `loss, metrics = objective.loss(model, batch)`; the Trainer knows nothing else.
 
-OBJECTIVES = {"clm": clm_loss}
+`OBJECTIVES` maps a recipe's `objective:` name to a factory of an `Objective` (see base.py):
+the collator/data builder, the loss and the model head it needs. A recipe may also give a weighted
+mix, `objective: {mlm: 1.0, nsp: 1.0}`, trained as L = Σ w_i L_i (`WeightedMix`).
+"""
+from .base import MixedBatches, Objective, ObjectiveData, WeightedMix, build_once
+from .clm import IGNORE_INDEX, CausalLMObjective, clm_loss
 
-__all__ = ["clm_loss", "IGNORE_INDEX", "OBJECTIVES"]
+OBJECTIVES = {"clm": CausalLMObjective}
+
+
+def make_objective(spec):
+    """A name ("clm") or a {name: weight} mapping -> an Objective (a WeightedMix for several)."""
+    if isinstance(spec, str):
+        spec = {spec: 1.0}
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"objective={spec!r}: expected a name or a mapping of name -> weight")
+    unknown = [name for name in spec if name not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"objective={unknown[0]!r}: expected one of {sorted(OBJECTIVES)}")
+    objectives = {name: OBJECTIVES[name]() for name in spec}
+    if len(objectives) == 1:
+        return next(iter(objectives.values()))
+    return WeightedMix(objectives, {name: float(w) for name, w in spec.items()})
+
+
+__all__ = ["clm_loss", "IGNORE_INDEX", "OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveData",
+           "WeightedMix", "MixedBatches", "build_once", "make_objective"]

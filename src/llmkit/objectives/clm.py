@@ -19,6 +19,7 @@ The cross-entropy is computed in fp32 even under bf16/fp16 autocast.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,3 +44,35 @@ def clm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
                            ignore_index=IGNORE_INDEX)
     value = loss.item()
     return loss, {"loss": value, "ppl": math.exp(min(value, 80.0)) if math.isfinite(value) else float("nan")}
+
+
+class CausalLMObjective:
+    """CLM over a token stream: the corpus is tokenized once into memmap shards (EOS after each
+    document, `data.val_fraction` held out), then read as random windows (nanoGPT) or packed
+    epochs. Validation reads the same fixed windows each time, so val curves compare across steps."""
+
+    name = "clm"
+    task = "causal_lm"
+
+    def make_data(self, source, tokenizer, data, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                  eval_batches: int = 20):
+        from ..data import PackedBatches, RandomWindowBatches, build_shards, load_shards
+        from .base import ObjectiveData, build_once
+
+        cache = Path(data.cache_dir)
+
+        def build():
+            shards = build_shards(source, tokenizer, cache, val_fraction=data.val_fraction, seed=data.seed,
+                                  text_field=data.text_field, split_lines=data.split_lines)
+            print(f"data: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, vocab "
+                  f"{tokenizer.vocab_size} ({'reused' if shards.reused else 'built'} in {cache})")
+        build_once(rank, cache / "meta.json", build)
+        train_tokens, val_tokens = load_shards(cache, "train"), load_shards(cache, "val")
+        loader = RandomWindowBatches if data.sampling == "random" else PackedBatches
+        train = loader(train_tokens, data.batch_size, data.block_size, seed=seed, rank=rank, world_size=world_size)
+        val_windows = RandomWindowBatches(val_tokens, data.batch_size, data.block_size, seed=12345,
+                                          rank=rank, world_size=world_size)
+        return ObjectiveData(train, lambda: (val_windows.batch_at(i) for i in range(eval_batches)))
+
+    def loss(self, model, batch):
+        return clm_loss(model, batch)

@@ -1,0 +1,114 @@
+"""What every pretraining objective provides, and the weighted mix of several.
+
+An objective is three things (DESIGN.md: "loss, metrics = objective(model, batch)"):
+
+- a **collator** that turns raw examples (token windows, sentence pairs, documents, images with
+  captions) into a batch dict of tensors: the self-supervised labels are built here, from the data;
+- a **loss** `loss(model, batch) -> (loss, metrics)`, the only thing the Trainer calls;
+- the **head** (model task) it needs: `task` names the `llmkit.model.TASKS` entry (or a model the
+  objective module builds itself, e.g. the multimodal encoder).
+
+`Objective.make_data(...)` builds the objective's train batches (an iterator with
+`state_dict()` / `load_state_dict()`, sharded by rank) and its validation batches from a text
+source and a tokenizer, so `llmkit pretrain` can run any objective from a recipe.
+
+`WeightedMix` combines objectives that share one model: each step draws one batch per objective and
+minimises L = Σ_i w_i L_i (BERT's pretraining is MLM + NSP with w = 1, 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+
+
+@dataclass
+class ObjectiveData:
+    train: Any                                  # iterator of batches with state_dict/load_state_dict
+    val: Optional[Callable[[], Any]] = None     # returns a fresh iterable of validation batches
+
+
+class Objective(Protocol):
+    name: str
+    task: str                                   # the model head this objective trains
+
+    def make_data(self, source: Any, tokenizer: Any, data: Any, *, rank: int = 0,
+                  world_size: int = 1, seed: int = 0, eval_batches: int = 20) -> ObjectiveData: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class MixedBatches:
+    """One batch per objective per step, as {name: batch}; state is every loader's state."""
+
+    def __init__(self, loaders: dict[str, Any]):
+        self.loaders = loaders
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, dict]:
+        return {name: next(loader) for name, loader in self.loaders.items()}
+
+    def state_dict(self) -> dict:
+        return {name: loader.state_dict() for name, loader in self.loaders.items() if hasattr(loader, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, loader_state in state.items():
+            self.loaders[name].load_state_dict(loader_state)
+
+
+class WeightedMix:
+    """L = Σ_i w_i L_i over objectives that train one shared model (all must agree on `task`)."""
+
+    def __init__(self, objectives: dict[str, Objective], weights: dict[str, float]):
+        tasks = {o.task for o in objectives.values()}
+        if len(tasks) != 1:
+            raise ValueError(f"objective mix {sorted(objectives)}: the objectives need different models "
+                             f"({sorted(tasks)}); expected objectives that share one model task")
+        for name, weight in weights.items():
+            if name not in objectives or not weight > 0:
+                raise ValueError(f"objective weight {name}={weight!r}: expected a positive weight for one of "
+                                 f"{sorted(objectives)}")
+        self.objectives, self.weights = objectives, weights
+        self.name = "+".join(objectives)
+        self.task = tasks.pop()
+
+    def make_data(self, source, tokenizer, data, *, rank=0, world_size=1, seed=0, eval_batches=20) -> ObjectiveData:
+        parts = {name: o.make_data(source, tokenizer, data, rank=rank, world_size=world_size, seed=seed,
+                                   eval_batches=eval_batches)
+                 for name, o in self.objectives.items()}
+
+        def val():
+            # Validation batches of each objective, taken in turn (the loss dispatches on the key).
+            for name, part in parts.items():
+                if part.val is not None:
+                    for batch in part.val():
+                        yield {name: batch}
+        return ObjectiveData(MixedBatches({n: p.train for n, p in parts.items()}), val)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        total, metrics = None, {}
+        for name, sub_batch in batch.items():
+            loss, sub_metrics = self.objectives[name].loss(model, sub_batch)
+            weighted = self.weights.get(name, 1.0) * loss
+            total = weighted if total is None else total + weighted
+            metrics.update({f"{name}/{k}": v for k, v in sub_metrics.items()})
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+
+def build_once(rank: int, marker, build: Callable[[], Any], timeout: float = 3600.0) -> None:
+    """Rank 0 runs `build`; other ranks wait until `marker` (a file `build` writes last) exists.
+    Used before the Trainer joins the process group, so it cannot use a barrier."""
+    import time
+    from pathlib import Path
+    if rank == 0:
+        build()
+        return
+    deadline = time.time() + timeout
+    while not Path(marker).is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {marker}")
+        time.sleep(0.5)

@@ -1,0 +1,76 @@
+"""`llmkit pretrain`: recipes validate, a short run leaves a usable run folder, bad input is named."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llmkit
+from llmkit.cli import main
+from llmkit.pretrain import parse_recipe
+from llmkit.recipes import load_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = parse_recipe(load_yaml(path))
+    assert recipe.train.max_steps > 0
+
+
+def test_short_pretrain_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["pretrain", str(REPO / "recipes" / "synthetic_tiny.yaml"), f"train.out_dir={out}",
+                 "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.progress=false",
+                 "data.synthetic_examples=2000", "samples=1", "sample_tokens=10"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "data:" in printed and "done: step 12" in printed
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["split"] == "val"] == [6, 12]
+    assert (out / "loss.png").is_file() and (out / "recipe.yaml").is_file()
+    model = llmkit.load_hf(out / "model")
+    assert model.config.n_layers == 4 and llmkit.load_tokenizer(out / "model").vocab_size == model.config.vocab_size
+    # the written recipe repeats the run
+    assert parse_recipe(load_yaml(out / "recipe.yaml")).train.max_steps == 12
+
+
+@pytest.mark.parametrize("words, message", [
+    (["train.lrr=1"], "unknown recipe key 'train.lrr'; did you mean 'lr'?"),
+    (["model.n_layer=3"], "unknown recipe key 'model.n_layer'; did you mean 'n_layers'?"),
+    (["data.block_size=abc"], "data.block_size='abc': expected int"),
+    (["model.n_heads=5"], "ModelConfig.n_heads=5"),
+    (["objective=mlm2"], "objective='mlm2'"),
+])
+def test_bad_recipe_is_named(words, message, capsys, tmp_path):
+    assert main(["pretrain", f"train.out_dir={tmp_path}", "data.synthetic_examples=200", *words]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_keys():
+    result = subprocess.run([sys.executable, "-m", "llmkit.cli", "pretrain", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train.lr=" in result.stdout and "data.block_size=" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pretrain_under_torchrun(strategy, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "llmkit.cli", "pretrain", str(REPO / "recipes" / "synthetic_tiny.yaml"), f"train.out_dir={out}",
+           "train.max_steps=10", "train.warmup_steps=2", f"train.distributed={strategy}", "train.progress=false",
+           "train.precision=fp32", "data.synthetic_examples=2000", "samples=1", "sample_tokens=5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert llmkit.load_hf(out / "model").config.n_layers == 4
