@@ -104,17 +104,30 @@ def check_model_section(section: dict) -> None:
             raise RecipeError(f"model: {exc}") from exc
 
 
-def make_tokenizer(data: DataSection, texts_source: Any) -> Tokenizer:
+def make_tokenizer(data: DataSection, texts_source: Any, roles: Optional[dict] = None) -> Tokenizer:
+    """Train (char / bpe) or load the tokenizer; `roles` adds the special tokens an objective needs
+    (e.g. {"mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"} for BERT-style objectives)."""
+    roles = roles or {}
     if data.tokenizer == "char":
-        return train_char(texts=list(iter_texts(texts_source, text_field=data.text_field, split_lines=data.split_lines)),
-                          special_tokens=("<pad>", "<|endoftext|>"), pad_token="<pad>")
-    if data.tokenizer == "bpe":
-        return train_bpe(texts=iter_texts(texts_source, text_field=data.text_field, split_lines=data.split_lines),
-                         vocab_size=data.vocab_size, special_tokens=("<|endoftext|>", "<pad>"), pad_token="<pad>")
-    return load_tokenizer(data.tokenizer)
+        texts = iter_texts(texts_source, text_field=data.text_field, split_lines=data.split_lines)
+        tokenizer = train_char(texts=list(texts), special_tokens=("<pad>", "<|endoftext|>", *roles.values()),
+                               pad_token="<pad>")
+    elif data.tokenizer == "bpe":
+        texts = iter_texts(texts_source, text_field=data.text_field, split_lines=data.split_lines)
+        tokenizer = train_bpe(texts=texts, vocab_size=data.vocab_size,
+                              special_tokens=("<|endoftext|>", "<pad>", *roles.values()), pad_token="<pad>")
+    else:
+        tokenizer = load_tokenizer(data.tokenizer)
+        missing = [f"{role}_token" for role in roles if getattr(tokenizer, f"{role}_token_id") is None]
+        if missing:
+            raise RecipeError(f"data.tokenizer={data.tokenizer!r} has no {', '.join(missing)}: expected the "
+                              "special tokens the objective needs")
+        return tokenizer
+    return Tokenizer(tokenizer.backend, {**tokenizer.special_tokens, **roles}) if roles else tokenizer
 
 
-def build_model_from_section(section: dict, tokenizer: Tokenizer, task: str = "causal_lm"):
+def build_model_from_section(section: dict, tokenizer: Tokenizer, objective: Any = None):
+    """The model a recipe's `model` section describes, with the head the objective trains."""
     fields = {k: v for k, v in section.items() if k not in ("preset", "from")}
     if "from" in section:
         model = load_any(section["from"])
@@ -128,9 +141,12 @@ def build_model_from_section(section: dict, tokenizer: Tokenizer, task: str = "c
         config = get_preset(section.get("preset", "gpt2-tiny"), **fields)
     except ConfigError as exc:
         raise RecipeError(f"model: {exc}") from exc
-    if task in TASKS:
-        return build_model(config, task)
-    raise RecipeError(f"objective needs model task {task!r}: expected one of {sorted(TASKS)}")
+    if objective is not None and hasattr(objective, "build_model"):
+        return objective.build_model(config)  # objectives with a model of their own (multimodal)
+    task = objective.task if objective is not None else "causal_lm"
+    if task not in TASKS:
+        raise RecipeError(f"objective needs model task {task!r}: expected one of {sorted(TASKS)}")
+    return build_model(config, task)
 
 
 @dataclass
@@ -161,16 +177,17 @@ def prepare_pretraining(recipe: PretrainRecipe) -> PretrainSetup:
     data = dataclasses.replace(data, cache_dir=str(Path(data.cache_dir) if data.cache_dir else out / "data"))
     tokenizer_dir = Path(data.cache_dir) / "tokenizer"
 
+    objective = make_objective(recipe.objective)
+
     def train_tokenizer():
-        make_tokenizer(data, source).save(tokenizer_dir)
+        make_tokenizer(data, source, getattr(objective, "special_tokens", None)).save(tokenizer_dir)
     build_once(rank, tokenizer_dir / "special_tokens_map.json", train_tokenizer)  # written last
     tokenizer = load_tokenizer(tokenizer_dir)
-    objective = make_objective(recipe.objective)
     made = objective.make_data(source, tokenizer, data, rank=rank, world_size=world, seed=recipe.train.seed,
                                eval_batches=recipe.train.eval_batches)
 
     torch.manual_seed(recipe.train.seed)
-    model = build_model_from_section(recipe.model, tokenizer, objective.task)
+    model = build_model_from_section(recipe.model, tokenizer, objective)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))

@@ -30,6 +30,9 @@ class ObjectiveData:
 
 
 class Objective(Protocol):
+    """Also optional: `special_tokens` ({role: token}, e.g. {"mask": "[MASK]"}) the tokenizer must
+    have; `tasks` (all the model tasks it can train, for mixes); `build_model(config)` when the
+    objective needs a model of its own; `evaluate(model, batches) -> metrics` for its own metric."""
     name: str
     task: str                                   # the model head this objective trains
 
@@ -63,17 +66,23 @@ class WeightedMix:
     """L = Σ_i w_i L_i over objectives that train one shared model (all must agree on `task`)."""
 
     def __init__(self, objectives: dict[str, Objective], weights: dict[str, float]):
-        tasks = {o.task for o in objectives.values()}
-        if len(tasks) != 1:
+        # The one model task every objective can train (e.g. MLM trains "masked_lm" or "pretraining",
+        # NSP only "pretraining": together they train "pretraining").
+        shared = set.intersection(*(set(getattr(o, "tasks", (o.task,))) for o in objectives.values()))
+        if not shared:
             raise ValueError(f"objective mix {sorted(objectives)}: the objectives need different models "
-                             f"({sorted(tasks)}); expected objectives that share one model task")
+                             f"({sorted({o.task for o in objectives.values()})}); expected objectives "
+                             "that share one model task")
         for name, weight in weights.items():
             if name not in objectives or not weight > 0:
                 raise ValueError(f"objective weight {name}={weight!r}: expected a positive weight for one of "
                                  f"{sorted(objectives)}")
         self.objectives, self.weights = objectives, weights
         self.name = "+".join(objectives)
-        self.task = tasks.pop()
+        tasks_in_order = [t for o in objectives.values() for t in getattr(o, "tasks", (o.task,))]
+        self.task = next(t for t in tasks_in_order if t in shared)
+        self.special_tokens = {role: token for o in objectives.values()
+                               for role, token in getattr(o, "special_tokens", {}).items()}
 
     def make_data(self, source, tokenizer, data, *, rank=0, world_size=1, seed=0, eval_batches=20) -> ObjectiveData:
         parts = {name: o.make_data(source, tokenizer, data, rank=rank, world_size=world_size, seed=seed,
