@@ -217,3 +217,19 @@ def test_logits_to_keep_returns_the_last_positions():
     with torch.no_grad():
         full, last = model(ids).logits, model(ids, logits_to_keep=3).logits
     assert last.shape == (2, 3, 512) and (full[:, -3:] - last).abs().max() < 1e-6
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+    """Two documents packed in one row with doc_ids and restarted positions give exactly the
+    logits of running each document alone."""
+    model = causal_lm("llama-tiny")
+    first, second = torch.randint(0, 512, (1, 6)), torch.randint(0, 512, (1, 9))
+    packed = torch.cat([first, second], dim=1)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 9])
+    positions = torch.tensor([list(range(6)) + list(range(9))])
+    with torch.no_grad():
+        together = model(packed, doc_ids=doc_ids, position_ids=positions).logits
+        alone = torch.cat([model(first).logits, model(second).logits], dim=1)
+        leaky = model(packed, position_ids=positions).logits
+    assert (together - alone).abs().max() < 1e-5
+    assert (leaky[:, 6:] - alone[:, 6:]).abs().max() > 1e-3    # without doc_ids the second doc sees the first

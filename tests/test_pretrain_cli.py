@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import llmkit
 from llmkit.cli import main
@@ -74,3 +75,20 @@ def test_pretrain_under_torchrun(strategy, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert llmkit.load_hf(out / "model").config.n_layers == 4
+
+
+def test_separate_documents_feeds_doc_ids_and_positions(tmp_path):
+    from llmkit.pretrain import prepare_pretraining
+    recipe = parse_recipe({"model": {"preset": "llama-tiny"},
+                           "data": {"source": "synthetic", "synthetic_examples": 300, "block_size": 48,
+                                    "batch_size": 4, "separate_documents": True},
+                           "train": {"out_dir": str(tmp_path), "max_steps": 1}})
+    setup = prepare_pretraining(recipe)
+    batch = next(setup.train_batches)
+    eos = setup.tokenizer.eos_token_id
+    row = batch["input_ids"][0]
+    after_eos = (row[:-1] == eos).nonzero().flatten() + 1
+    assert len(after_eos) > 0 and (batch["position_ids"][0, after_eos] == 0).all()
+    assert (batch["doc_ids"][0, after_eos] == batch["doc_ids"][0, after_eos - 1] + 1).all()
+    loss, metrics = setup.objective.loss(setup.model, batch)
+    assert torch.isfinite(loss) and metrics["ppl"] > 1

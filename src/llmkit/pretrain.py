@@ -52,6 +52,7 @@ class DataSection:
     batch_size: int = 16               # global batch (split across ranks under torchrun)
     val_fraction: float = 0.1
     sampling: str = "random"           # random windows (nanoGPT) | packed (epochs over blocks)
+    separate_documents: bool = False   # packed windows: positions restart and attention stops at each EOS
     synthetic_examples: int = 20000    # lines of synthetic text when source = synthetic
     cache_dir: Optional[str] = None    # token shards; default <train.out_dir>/data
     seed: int = 0

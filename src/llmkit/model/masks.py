@@ -24,15 +24,20 @@ def build_attention_mask(
     alibi_heads: int,
     dtype: torch.dtype,
     device: torch.device,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], bool]:
     """Return (mask, is_causal) for SDPA.
 
     attention_mask: (B, past_len + q_len) with 1 for real tokens and 0 for padding, or (B, q_len)
-    when there is no cache. The mask returned is (B or 1, nh or 1, Tq, Tk) or None.
+    when there is no cache. doc_ids: (B, T) index of the packed document each token belongs to; a
+    token then sees only tokens of its own document (packing without cross-document attention).
+    The mask returned is (B or 1, nh or 1, Tq, Tk) or None.
     """
     kv_len = past_len + q_len
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and sliding_window is None and not alibi_heads:
+    if doc_ids is not None and past_len:
+        raise ValueError("doc_ids (document-separated attention) is for training forwards without a KV cache")
+    if not padded and sliding_window is None and not alibi_heads and doc_ids is None:
         if not causal or q_len == 1:
             return None, False       # every key is visible
         if past_len == 0:
@@ -46,6 +51,8 @@ def build_attention_mask(
     if sliding_window is not None:
         visible &= k_pos.view(1, -1) > q_pos.view(-1, 1) - sliding_window
     visible = visible.view(1, 1, q_len, kv_len)
+    if doc_ids is not None:  # (B, 1, T, T): same document only
+        visible = visible & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     if padded:
         if attention_mask.shape[-1] != kv_len:
             raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; expected "

@@ -70,6 +70,7 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         memory: Optional[torch.Tensor] = None,            # encoder states for cross-attention
         memory_attention_mask: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,           # (B, T) packed-document index: no cross-doc attention
     ) -> ModelOutput:
         if inputs_embeds is None:
             if input_ids is None:
@@ -101,7 +102,7 @@ class Transformer(nn.Module):
             batch_size=B, q_len=T, past_len=past, attention_mask=attention_mask, causal=self.causal,
             sliding_window=self.sliding_window,
             alibi_heads=self.config.n_heads if self.config.positional == "alibi" else 0,
-            dtype=x.dtype, device=x.device)
+            dtype=x.dtype, device=x.device, doc_ids=doc_ids)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         memory_mask = padding_mask(memory_attention_mask, x.dtype) if memory is not None else None
         for i, block in enumerate(self.layers):

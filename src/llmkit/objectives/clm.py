@@ -31,7 +31,9 @@ def clm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss, {"loss": float, "ppl": float}) for a causal LM called as model(input_ids, attention_mask)."""
     input_ids = batch["input_ids"]                                                 # (B, T)
     attention_mask = batch.get("attention_mask")                                   # (B, T) or None
-    extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
+    # Packed documents: positions restart and attention stays inside each document when the batch
+    # carries them (llmkit.data loaders with reset_positions_at_eos=True).
+    extra = {k: batch[k] for k in ("position_ids", "doc_ids") if batch.get(k) is not None}
     logits = model(input_ids, attention_mask=attention_mask, **extra).logits      # (B, T, V)
     if batch.get("targets") is not None:
         scored, targets = logits, batch["targets"]                                 # (B, T, V), (B, T)
@@ -69,9 +71,13 @@ class CausalLMObjective:
         build_once(rank, cache / "meta.json", build)
         train_tokens, val_tokens = load_shards(cache, "train"), load_shards(cache, "val")
         loader = RandomWindowBatches if data.sampling == "random" else PackedBatches
-        train = loader(train_tokens, data.batch_size, data.block_size, seed=seed, rank=rank, world_size=world_size)
+        # separate_documents: each window's documents get their own positions and attention blocks.
+        packing = dict(reset_positions_at_eos=True, eos_token_id=tokenizer.eos_token_id) \
+            if getattr(data, "separate_documents", False) else {}
+        train = loader(train_tokens, data.batch_size, data.block_size, seed=seed, rank=rank,
+                       world_size=world_size, **packing)
         val_windows = RandomWindowBatches(val_tokens, data.batch_size, data.block_size, seed=12345,
-                                          rank=rank, world_size=world_size)
+                                          rank=rank, world_size=world_size, **packing)
         return ObjectiveData(train, lambda: (val_windows.batch_at(i) for i in range(eval_batches)))
 
     def loss(self, model, batch):

@@ -256,7 +256,7 @@ class Trainer:
         count = 0
         model.eval()
         try:
-            with _preserved_rng(self.device), self.autocast():
+            with _preserved_rng(self.device), self.autocast(), torch.no_grad():
                 for batch in batches:
                     if count >= self.config.eval_batches:
                         break
@@ -271,8 +271,10 @@ class Trainer:
         if count == 0:
             raise ValueError("val_data yielded no batch: expected at least one")
         names = sorted(sums)
-        reduced = dist_utils.reduce_mean([sums[k] / count for k in names], self.dist)
-        return dict(zip(names, reduced))
+        metrics = dict(zip(names, dist_utils.reduce_mean([sums[k] / count for k in names], self.dist)))
+        if "ppl" in metrics:  # perplexity of the mean loss, not the mean of per-batch perplexities
+            metrics["ppl"] = math.exp(min(metrics["loss"], 80.0))
+        return metrics
 
     def _evaluate_and_log(self, logger: RunLogger, step: int) -> float:
         metrics = self.evaluate()
