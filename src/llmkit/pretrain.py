@@ -26,11 +26,11 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .data import iter_texts
+from .data.images import shape_captions
 from .data.synthetic import SyntheticTasks
 from .generation import generate
 from .io import load_any, save_hf, save_llmkit
 from .io.errors import CheckpointError
-from .io.hf import task_of
 from .model import TASKS, build_model
 from .objectives import make_objective
 from .objectives.base import build_once
@@ -127,10 +127,12 @@ def make_tokenizer(data: DataSection, texts_source: Any, roles: Optional[dict] =
     return Tokenizer(tokenizer.backend, {**tokenizer.special_tokens, **roles}) if roles else tokenizer
 
 
-def build_model_from_section(section: dict, tokenizer: Tokenizer, objective: Any = None):
-    """The model a recipe's `model` section describes, with the head the objective trains."""
+def build_model_from_section(section: dict, tokenizer: Tokenizer, objective: Any = None,
+                             config: Optional[ModelConfig] = None):
+    """The model a recipe's `model` section (or a given `config`) describes, with the head the
+    objective trains."""
     fields = {k: v for k, v in section.items() if k not in ("preset", "from")}
-    if "from" in section:
+    if "from" in section and config is None:
         model = load_any(section["from"])
         if fields:
             raise RecipeError(f"model: fields {sorted(fields)} cannot change a checkpoint loaded with 'from'")
@@ -138,10 +140,11 @@ def build_model_from_section(section: dict, tokenizer: Tokenizer, objective: Any
     fields.setdefault("vocab_size", tokenizer.vocab_size)
     for name, token_id in (("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)):
         fields.setdefault(name, token_id)
-    try:
-        config = get_preset(section.get("preset", "gpt2-tiny"), **fields)
-    except ConfigError as exc:
-        raise RecipeError(f"model: {exc}") from exc
+    if config is None:
+        try:
+            config = get_preset(section.get("preset", "gpt2-tiny"), **fields)
+        except ConfigError as exc:
+            raise RecipeError(f"model: {exc}") from exc
     if objective is not None and hasattr(objective, "build_model"):
         return objective.build_model(config)  # objectives with a model of their own (multimodal)
     task = objective.task if objective is not None else "causal_lm"
@@ -173,15 +176,19 @@ def prepare_pretraining(recipe: PretrainRecipe) -> PretrainSetup:
     out = Path(recipe.train.out_dir)
     data = recipe.data
     source = data.source
+    tokenizer_texts = source
     if source == "synthetic":
-        source = SyntheticTasks(seed=data.seed).pretraining_text(data.synthetic_examples, include_world=True)
+        source = tokenizer_texts = SyntheticTasks(seed=data.seed).pretraining_text(data.synthetic_examples,
+                                                                                   include_world=True)
+    elif source == "shapes":  # synthetic images with captions: the objective draws them itself
+        tokenizer_texts = shape_captions(2000, data.seed)
     data = dataclasses.replace(data, cache_dir=str(Path(data.cache_dir) if data.cache_dir else out / "data"))
     tokenizer_dir = Path(data.cache_dir) / "tokenizer"
 
     objective = make_objective(recipe.objective)
 
     def train_tokenizer():
-        make_tokenizer(data, source, getattr(objective, "special_tokens", None)).save(tokenizer_dir)
+        make_tokenizer(data, tokenizer_texts, getattr(objective, "special_tokens", None)).save(tokenizer_dir)
     build_once(rank, tokenizer_dir / "special_tokens_map.json", train_tokenizer)  # written last
     tokenizer = load_tokenizer(tokenizer_dir)
     made = objective.make_data(source, tokenizer, data, rank=rank, world_size=world, seed=recipe.train.seed,
@@ -207,7 +214,8 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
     if setup.rank == 0:
         model = setup.model
         if recipe.train.distributed == "fsdp":  # the trained module is sharded: export the full
-            model = build_model(model.config, task_of(model))  # state rank 0 wrote at the end
+            model = build_model_from_section({"preset": "gpt2-tiny"}, setup.tokenizer, setup.objective,
+                                             config=model.config)  # state rank 0 wrote at the end
             model.load_state_dict(load_model_tensors(result.checkpoint))
         save_model(model, setup.tokenizer, setup.out_dir / "model")
         if setup.objective.task == "causal_lm":
@@ -218,11 +226,15 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
 
 
 def save_model(model, tokenizer: Tokenizer, directory: Path) -> None:
-    """Hugging Face format when the family's layout holds the config, else llmkit's own."""
-    try:
-        save_hf(model, directory)
-    except CheckpointError:
-        save_llmkit(model, directory)
+    """Hugging Face format when the family's layout holds the config, else llmkit's own; models an
+    objective builds itself (multimodal) save themselves."""
+    if hasattr(model, "save"):
+        model.save(directory)
+    else:
+        try:
+            save_hf(model, directory)
+        except CheckpointError:
+            save_llmkit(model, directory)
     tokenizer.save(directory)
 
 

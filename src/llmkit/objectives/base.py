@@ -90,11 +90,17 @@ class WeightedMix:
                  for name, o in self.objectives.items()}
 
         def val():
-            # Validation batches of each objective, taken in turn (the loss dispatches on the key).
-            for name, part in parts.items():
-                if part.val is not None:
-                    for batch in part.val():
-                        yield {name: batch}
+            # One batch of every objective per validation step, like training, so each objective is
+            # evaluated and the weighted loss is the same quantity as in training.
+            iterators = {name: iter(part.val()) for name, part in parts.items() if part.val is not None}
+            while True:
+                batch = {}
+                for name, iterator in iterators.items():
+                    item = next(iterator, None)
+                    if item is None:
+                        return
+                    batch[name] = item
+                yield batch
         return ObjectiveData(MixedBatches({n: p.train for n, p in parts.items()}), val)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
