@@ -92,3 +92,17 @@ def test_separate_documents_feeds_doc_ids_and_positions(tmp_path):
     assert (batch["doc_ids"][0, after_eos] == batch["doc_ids"][0, after_eos - 1] + 1).all()
     loss, metrics = setup.objective.loss(setup.model, batch)
     assert torch.isfinite(loss) and metrics["ppl"] > 1
+
+
+def test_objective_options_and_mixes_from_a_recipe():
+    from llmkit.objectives import WeightedMix, make_objective
+    dae = make_objective({"dae": {"mask_ratio": 0.5, "noise": ["token_masking"]}})
+    assert dae.name == "dae" and dae.mask_ratio == 0.5
+    mix = make_objective({"mlm": 1.0, "nsp": {"weight": 0.5}})
+    assert isinstance(mix, WeightedMix) and mix.task == "pretraining" and mix.weights == {"mlm": 1.0, "nsp": 0.5}
+    with pytest.raises(ValueError, match="objective='mlmm'"):
+        make_objective("mlmm")
+    with pytest.raises(ValueError, match="objective dae: options \\['ratio'\\]"):
+        make_objective({"dae": {"ratio": 0.3}})
+    with pytest.raises(ValueError, match="different models"):
+        make_objective({"clm": 1.0, "mlm": 1.0})

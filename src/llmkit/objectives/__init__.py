@@ -16,18 +16,28 @@ OBJECTIVES = {"clm": CausalLMObjective, "mlm": MaskedLMObjective, "nsp": NextSen
 
 
 def make_objective(spec):
-    """A name ("clm") or a {name: weight} mapping -> an Objective (a WeightedMix for several)."""
+    """A name ("clm"), or a mapping name -> weight, or name -> {weight: w, **options} (options go
+    to the objective's constructor, e.g. {dae: {noise: [span_infilling], mask_ratio: 0.3}})
+    -> an Objective (a WeightedMix for several)."""
     if isinstance(spec, str):
         spec = {spec: 1.0}
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"objective={spec!r}: expected a name or a mapping of name -> weight")
-    unknown = [name for name in spec if name not in OBJECTIVES]
-    if unknown:
-        raise ValueError(f"objective={unknown[0]!r}: expected one of {sorted(OBJECTIVES)}")
-    objectives = {name: OBJECTIVES[name]() for name in spec}
+    objectives, weights = {}, {}
+    for name, value in spec.items():
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective={name!r}: expected one of {sorted(OBJECTIVES)}")
+        options = dict(value) if isinstance(value, dict) else {"weight": value}
+        weights[name] = options.pop("weight", 1.0)
+        if isinstance(weights[name], bool) or not isinstance(weights[name], (int, float)):
+            raise ValueError(f"objective {name}.weight={weights[name]!r}: expected a number")
+        try:
+            objectives[name] = OBJECTIVES[name](**options)
+        except TypeError as exc:
+            raise ValueError(f"objective {name}: options {sorted(options)}: {exc}") from exc
     if len(objectives) == 1:
         return next(iter(objectives.values()))
-    return WeightedMix(objectives, {name: float(w) for name, w in spec.items()})
+    return WeightedMix(objectives, {name: float(w) for name, w in weights.items()})
 
 
 __all__ = ["DenoisingObjective", "MaskedMultimodalObjective", "mask_tokens", "mlm_loss", "nsp_loss", "MaskedLMObjective", "NextSentenceObjective",
