@@ -6,13 +6,15 @@ mix, `objective: {mlm: 1.0, nsp: 1.0}`, trained as L = Σ w_i L_i (`WeightedMix`
 """
 from .base import MixedBatches, Objective, ObjectiveData, WeightedMix, build_once
 from .clm import IGNORE_INDEX, CausalLMObjective, clm_loss
+from .contrastive import ContrastiveObjective
 from .dae import DenoisingObjective
 from .mlm import MaskedLMObjective, mask_tokens, mlm_loss
 from .mmlm import MaskedMultimodalObjective
 from .nsp import BertObjective, NextSentenceObjective, nsp_loss
 
 OBJECTIVES = {"clm": CausalLMObjective, "mlm": MaskedLMObjective, "nsp": NextSentenceObjective,
-              "bert": BertObjective, "mmlm": MaskedMultimodalObjective, "dae": DenoisingObjective}
+              "bert": BertObjective, "mmlm": MaskedMultimodalObjective, "dae": DenoisingObjective,
+              "contrastive": ContrastiveObjective}
 
 
 def make_objective(spec):
@@ -40,6 +42,6 @@ def make_objective(spec):
     return WeightedMix(objectives, {name: float(w) for name, w in weights.items()})
 
 
-__all__ = ["DenoisingObjective", "MaskedMultimodalObjective", "mask_tokens", "mlm_loss", "nsp_loss", "MaskedLMObjective", "NextSentenceObjective",
+__all__ = ["ContrastiveObjective", "DenoisingObjective", "MaskedMultimodalObjective", "mask_tokens", "mlm_loss", "nsp_loss", "MaskedLMObjective", "NextSentenceObjective",
            "BertObjective", "clm_loss", "IGNORE_INDEX", "OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveData",
            "WeightedMix", "MixedBatches", "build_once", "make_objective"]
