@@ -127,3 +127,20 @@ def build_once(rank: int, marker, build: Callable[[], Any], timeout: float = 360
         if time.time() > deadline:
             raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {marker}")
         time.sleep(0.5)
+
+
+def token_shards(source, tokenizer, data, rank: int = 0):
+    """The corpus as (train, val) memmap token streams in `data.cache_dir`: rank 0 tokenizes it once
+    (reused while source, tokenizer and settings are unchanged); other ranks wait for meta.json."""
+    from pathlib import Path
+
+    from ..data import build_shards, load_shards
+    cache = Path(data.cache_dir)
+
+    def build():
+        shards = build_shards(source, tokenizer, cache, val_fraction=data.val_fraction, seed=data.seed,
+                              text_field=data.text_field, split_lines=data.split_lines)
+        print(f"data: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, vocab "
+              f"{tokenizer.vocab_size} ({'reused' if shards.reused else 'built'} in {cache})")
+    build_once(rank, cache / "meta.json", build)
+    return load_shards(cache, "train"), load_shards(cache, "val")

@@ -19,7 +19,6 @@ The cross-entropy is computed in fp32 even under bf16/fp16 autocast.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,18 +57,10 @@ class CausalLMObjective:
 
     def make_data(self, source, tokenizer, data, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                   eval_batches: int = 20):
-        from ..data import PackedBatches, RandomWindowBatches, build_shards, load_shards
-        from .base import ObjectiveData, build_once
+        from ..data import PackedBatches, RandomWindowBatches
+        from .base import ObjectiveData, token_shards
 
-        cache = Path(data.cache_dir)
-
-        def build():
-            shards = build_shards(source, tokenizer, cache, val_fraction=data.val_fraction, seed=data.seed,
-                                  text_field=data.text_field, split_lines=data.split_lines)
-            print(f"data: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, vocab "
-                  f"{tokenizer.vocab_size} ({'reused' if shards.reused else 'built'} in {cache})")
-        build_once(rank, cache / "meta.json", build)
-        train_tokens, val_tokens = load_shards(cache, "train"), load_shards(cache, "val")
+        train_tokens, val_tokens = token_shards(source, tokenizer, data, rank)
         loader = RandomWindowBatches if data.sampling == "random" else PackedBatches
         # separate_documents: each window's documents get their own positions and attention blocks.
         packing = dict(reset_positions_at_eos=True, eos_token_id=tokenizer.eos_token_id) \

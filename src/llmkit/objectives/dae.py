@@ -23,7 +23,6 @@ the decoder start token (</s>, as BART); "decoder_attention_mask" (B, T).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -247,22 +246,14 @@ class DenoisingObjective:
 
     def make_data(self, source, tokenizer, data, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                   eval_batches: int = 20):
-        from ..data import build_shards, load_shards
-        from .base import ObjectiveData, build_once
+        from .base import ObjectiveData, token_shards
 
         collator = self.make_collator(tokenizer, max_length=data.block_size)
-        cache = Path(data.cache_dir)
-
-        def build():
-            shards = build_shards(source, tokenizer, cache, val_fraction=data.val_fraction, seed=data.seed,
-                                  text_field=data.text_field, split_lines=data.split_lines)
-            print(f"data: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, vocab "
-                  f"{tokenizer.vocab_size} ({'reused' if shards.reused else 'built'} in {cache})")
-        build_once(rank, cache / "meta.json", build)
+        train_tokens, val_tokens = token_shards(source, tokenizer, data, rank)
         length = data.block_size - 1               # + </s> = block_size labels
-        train = DenoisingBatches(load_shards(cache, "train"), collator, data.batch_size, length,
+        train = DenoisingBatches(train_tokens, collator, data.batch_size, length,
                                  sampling=data.sampling, seed=seed, rank=rank, world_size=world_size)
-        val = DenoisingBatches(load_shards(cache, "val"), collator, data.batch_size, length, seed=12345,
+        val = DenoisingBatches(val_tokens, collator, data.batch_size, length, seed=12345,
                                rank=rank, world_size=world_size)
         return ObjectiveData(train, lambda: (val.batch_at(i) for i in range(eval_batches)))
 

@@ -26,7 +26,6 @@ ranked order lies below n, so the expected selected fraction stays p. Word rule 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -278,30 +277,23 @@ class MaskedLMObjective:
 
     def make_data(self, source, tokenizer, data, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                   eval_batches: int = 20):
-        from ..data import PackedBatches, RandomWindowBatches, build_shards, load_shards
-        from .base import ObjectiveData, build_once
+        from ..data import PackedBatches, RandomWindowBatches
+        from .base import ObjectiveData, token_shards
 
         require_roles(tokenizer)
         if data.block_size < 3:
             raise ValueError(f"data.block_size={data.block_size}: MLM needs at least 3 ([CLS] w [SEP])")
         vocab = MaskVocab.of(tokenizer, word_tables=self.whole_word)
-        cache = Path(data.cache_dir)
-
-        def build():
-            shards = build_shards(source, tokenizer, cache, val_fraction=data.val_fraction, seed=data.seed,
-                                  text_field=data.text_field, split_lines=data.split_lines)
-            print(f"data: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens, vocab "
-                  f"{tokenizer.vocab_size} ({'reused' if shards.reused else 'built'} in {cache})")
-        build_once(rank, cache / "meta.json", build)
+        train_tokens, val_tokens = token_shards(source, tokenizer, data, rank)
         width = data.block_size - 2
         loader = RandomWindowBatches if data.sampling == "random" else PackedBatches
         kw = dict(mask_prob=self.mask_prob, whole_word=self.whole_word, rank=rank, world_size=world_size)
         ids = (tokenizer.cls_token_id, tokenizer.sep_token_id)
-        train = MaskedWindowBatches(loader(load_shards(cache, "train"), data.batch_size, width, seed=seed),
+        train = MaskedWindowBatches(loader(train_tokens, data.batch_size, width, seed=seed),
                                     vocab, *ids, seed=seed, **kw)
         if data.val_fraction <= 0:
             return ObjectiveData(train, None)
-        val = MaskedWindowBatches(RandomWindowBatches(load_shards(cache, "val"), data.batch_size, width, seed=12345),
+        val = MaskedWindowBatches(RandomWindowBatches(val_tokens, data.batch_size, width, seed=12345),
                                   vocab, *ids, seed=12345, **kw)
         return ObjectiveData(train, lambda: (val.batch_at(i) for i in range(eval_batches)))
 
