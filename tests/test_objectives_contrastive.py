@@ -307,6 +307,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
         if rank == 0:
             save_file(params, out)
     finally:
+        dist.barrier()           # gloo aborts a rank that destroys while its peer is mid-teardown
         dist.destroy_process_group()
 
 
