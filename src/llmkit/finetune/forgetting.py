@@ -1,0 +1,259 @@
+"""Catastrophic forgetting: measure it (held-out pretraining perplexity before/after) and reduce it.
+
+Fine-tuning on a narrow task moves the weights away from what pretraining learned, and the model's
+pretraining objective gets worse (McCloskey & Cohen 1989; Kirkpatrick et al. 2017 call it
+catastrophic forgetting). This module gives the measurement and two remedies:
+
+- `heldout_perplexity(model, batches)`: the token-weighted next-token cross-entropy on held-out
+  pretraining text, L = Σ_b Σ_t ℓ_bt / N over the N scored (non -100) targets, and ppl = exp(L).
+  Run it before and after fine-tuning; `forgetting_report(before, after)` gives the difference.
+- `L2ToInitial` (L2-SP; Li, Grandvalet & Davoine 2018, "Explicit Inductive Bias for Transfer
+  Learning with Convolutional Networks", ICML): add Ω(θ) = (α/2) ‖θ − θ₀‖² to the task loss, pulling
+  the trainable parameters towards their pretrained values θ₀ instead of towards 0 as weight decay
+  does; its gradient is α (θ − θ₀).
+- `PairedBatches` + `mixed_loss` (pretraining mix; the "PPO-ptx" objective of InstructGPT, Ouyang et
+  al. 2022, "Training language models to follow instructions with human feedback", adds
+  γ · E[log π(x)] over pretraining data to the RL objective): each step sees one task batch and one
+  pretraining batch and minimises L = L_task + w · L_pretrain.
+
+Both remedies act during training only: in eval mode (the Trainer's validation) the L2 wrapper
+returns the bare task loss, and `mixed_loss` given a plain (unpaired) task batch scores the task
+alone, so validation numbers stay comparable with and without them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..objectives.clm import IGNORE_INDEX, clm_loss
+from ..train.distributed import move_to
+
+__all__ = ["L2ToInitial", "PairedBatches", "mixed_loss", "heldout_perplexity", "forgetting_report",
+           "format_forgetting"]
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict]]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DistributedDataParallel (`.module`) or torch.compile (`._orig_mod`)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# ---- L2 towards the initial weights ------------------------------------------------------------
+class L2ToInitial:
+    """Ω(θ) = (coef / 2) · Σ_i ‖θ_i − θ₀_i‖² over the parameters trainable at construction (L2-SP).
+
+    θ₀ is a detached copy of those parameters taken now: construct it after loading the pretrained
+    weights (and after applying PEFT, so θ₀ covers the adapter parameters that train). The copy costs
+    one model's worth of memory for the trainable parameters; it follows each parameter to its device
+    on first use. FSDP-sharded (DTensor) parameters are not supported."""
+
+    def __init__(self, model: nn.Module, coef: float):
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or not math.isfinite(coef):
+            raise ValueError(f"L2ToInitial coef={coef!r}: expected a finite number >= 0")
+        self.coef = float(coef)
+        self.initial = {name: p.detach().clone() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+        if not self.initial:
+            raise ValueError("L2ToInitial: the model has no trainable parameters to anchor")
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """(coef / 2) Σ ‖θ − θ₀‖² as a scalar fp32 tensor with gradient coef · (θ − θ₀)."""
+        params = dict(unwrap(model).named_parameters())
+        missing = [name for name in self.initial if name not in params]
+        if missing:
+            raise KeyError(f"L2ToInitial: parameters {missing[:3]} of the snapshot are not in the model; "
+                           "expected the model the snapshot was taken from")
+        total = None
+        for name, start in self.initial.items():
+            p = params[name]
+            if start.device != p.device:
+                start = self.initial[name] = start.to(p.device)
+            term = (p.float() - start.float()).pow(2).sum()
+            total = term if total is None else total + term
+        return 0.5 * self.coef * total
+
+    def wrap(self, loss_fn: LossFn) -> LossFn:
+        """loss_fn whose loss is task loss + penalty in train mode (task loss alone in eval mode);
+        its metrics are the task's plus "l2_init" (the penalty value)."""
+        def loss_with_l2(model, batch):
+            loss, metrics = loss_fn(model, batch)
+            metrics = dict(metrics or {})
+            if model.training:
+                penalty = self.penalty(model)
+                loss = loss + penalty.to(loss.dtype)
+            else:
+                with torch.no_grad():
+                    penalty = self.penalty(model)
+            metrics["l2_init"] = float(penalty.detach())
+            return loss, metrics
+        return loss_with_l2
+
+
+# ---- mixing pretraining data -------------------------------------------------------------------
+class _Cycled:
+    """A re-iterable (a list of batches) as an endless iterator, its position a plain int."""
+
+    def __init__(self, batches: Iterable):
+        self.batches, self.drawn = batches, 0
+        self._it = iter(batches)
+
+    def __next__(self):
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._it = iter(self.batches)
+            item = next(self._it)
+        self.drawn += 1
+        return item
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._it, self.drawn = iter(self.batches), 0
+        for _ in range(int(state["drawn"])):
+            next(self)
+
+
+class PairedBatches:
+    """Yields {"task": task batch, "pretrain": pretraining batch}, one of each per step.
+
+    Iterators are used as they are (an exhausted one ends the pairing); re-iterables such as lists
+    are cycled. state_dict() holds both sides' states (for those that have one), so a resumed run
+    continues both streams exactly."""
+
+    def __init__(self, task_batches: Iterable, pretrain_batches: Iterable):
+        self.sides = {"task": self._endless(task_batches), "pretrain": self._endless(pretrain_batches)}
+
+    @staticmethod
+    def _endless(batches: Iterable):
+        return batches if hasattr(batches, "__next__") else _Cycled(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {name: next(side) for name, side in self.sides.items()}
+
+    def state_dict(self) -> dict:
+        return {name: side.state_dict() for name, side in self.sides.items() if hasattr(side, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, side_state in state.items():
+            if name not in self.sides:
+                raise KeyError(f"PairedBatches state has a side {name!r}; expected 'task' and/or 'pretrain'")
+            self.sides[name].load_state_dict(side_state)
+
+
+def is_paired(batch: Any) -> bool:
+    return isinstance(batch, dict) and set(batch) == {"task", "pretrain"}
+
+
+def mixed_loss(task_loss_fn: LossFn, pretrain_loss_fn: LossFn = clm_loss, weight: float = 1.0) -> LossFn:
+    """loss_fn over PairedBatches: L = L_task + weight · L_pretrain.
+
+    Metrics: the task loss_fn's metrics passed through under their own names (so "accuracy" stays
+    "accuracy"), plus "task_loss", "pretrain_loss", and the pretraining loss_fn's other metrics
+    prefixed "pretrain/" (e.g. "pretrain/ppl"). A plain task batch (not a {"task", "pretrain"} pair,
+    e.g. a validation batch) is scored by task_loss_fn alone."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or not math.isfinite(weight):
+        raise ValueError(f"mixed_loss weight={weight!r}: expected a finite number >= 0")
+
+    def loss_fn(model, batch):
+        if not is_paired(batch):
+            return task_loss_fn(model, batch)
+        task_loss, task_metrics = task_loss_fn(model, batch["task"])
+        pretrain_loss, pretrain_metrics = pretrain_loss_fn(model, batch["pretrain"])
+        metrics = dict(task_metrics or {})
+        metrics.update({f"pretrain/{k}": v for k, v in (pretrain_metrics or {}).items() if k != "loss"})
+        metrics["task_loss"] = float(task_loss.detach())
+        metrics["pretrain_loss"] = float(pretrain_loss.detach())
+        return task_loss + weight * pretrain_loss, metrics
+    return loss_fn
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+def scored_tokens(batch: dict) -> int:
+    """How many targets `clm_loss` scores in this batch (same three conventions, -100 ignored)."""
+    if batch.get("targets") is not None:
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+    labels = batch.get("labels")
+    if labels is not None:
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    mask = batch.get("attention_mask")
+    labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def heldout_perplexity(model: nn.Module, batches: Iterable, max_batches: int = 50,
+                       loss_fn: Optional[LossFn] = None) -> dict:
+    """{"loss", "ppl", "tokens"}: token-weighted mean next-token cross-entropy over up to
+    `max_batches` batches, L = Σ_b n_b · L_b / Σ_b n_b with n_b the scored targets of batch b and L_b
+    its mean loss (clm_loss by default), and ppl = exp(L). Runs under no_grad in eval mode and puts
+    the model back in the mode it was in."""
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ValueError(f"max_batches={max_batches!r}: expected an int >= 1")
+    loss_fn = loss_fn or clm_loss
+    device = next(unwrap(model).parameters()).device
+    was_training = model.training
+    total, tokens, count = 0.0, 0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if count >= max_batches:
+                    break
+                batch = move_to(batch, device)
+                n = scored_tokens(batch)
+                if n:
+                    loss, _ = loss_fn(model, batch)
+                    total += float(loss) * n       # the batch's mean back to its sum
+                    tokens += n
+                count += 1
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError(f"heldout_perplexity: {count} batches held no scored target (all -100 or none "
+                         "given); expected held-out pretraining batches with input_ids and targets")
+    loss = total / tokens
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens}
+
+
+def forgetting_report(before: dict, after: dict) -> dict:
+    """{"before", "after", "delta", "relative"} for loss and ppl; delta = after − before, relative =
+    delta / before. A positive delta means the pretraining objective got worse: forgetting."""
+    for name, side in (("before", before), ("after", after)):
+        missing = [k for k in ("loss", "ppl") if not isinstance(side, dict) or k not in side]
+        if missing:
+            raise ValueError(f"forgetting_report: {name} lacks {missing}; expected heldout_perplexity() output "
+                             f"{{'loss', 'ppl', 'tokens'}}, got {side!r}")
+    report = {"before": dict(before), "after": dict(after), "delta": {}, "relative": {}}
+    for key in ("loss", "ppl"):
+        b, a = float(before[key]), float(after[key])
+        report["delta"][key] = a - b
+        report["relative"][key] = (a - b) / b if b else math.nan
+    return report
+
+
+def format_forgetting(report: dict) -> str:
+    """The report as a markdown table (held-out pretraining text, before vs after fine-tuning)."""
+    def num(v: float) -> str:
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
+    lines = ["| held-out pretraining text | before | after | change | relative |",
+             "|---|---:|---:|---:|---:|"]
+    for key, label in (("loss", "loss (nats/token)"), ("ppl", "perplexity")):
+        b, a = report["before"][key], report["after"][key]
+        d, r = report["delta"][key], report["relative"][key]
+        lines.append(f"| {label} | {num(b)} | {num(a)} | {d:+.4f} | {r:+.1%} |")
+    tokens = report["before"].get("tokens")
+    if tokens is not None:
+        lines.append("")
+        lines.append(f"Scored tokens: {int(tokens):,}.")
+    return "\n".join(lines) + "\n"
