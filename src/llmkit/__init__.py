@@ -6,6 +6,7 @@ from .model import (CausalLM, EncoderModel, KVCache, MaskedLM, ModelOutput, Seq2
                     build_model)
 from .presets import get_preset
 from .tokenizer import Tokenizer, load_tokenizer
+from . import peft  # noqa: E402  (llmkit.peft.apply after a plain `import llmkit`)
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,8 @@ One optimizer step (step N, 1-based) is:
     on_after_backward(trainer, N)                             (true-scale gradients, before clipping)
     clip the global gradient norm (non-finite -> TrainingDiverged: nothing applied or saved)
     optimizer.step(); scheduler.step(); zero_grad
-    on_step_end(trainer, N, metrics); eval every eval_every; checkpoint every save_every
+    on_step_end(trainer, N, metrics)       (a callback may add scalars to metrics: they are logged)
+    log every log_every; eval every eval_every; checkpoint every save_every
 
 Accumulating loss / k over k micro-batches gives the gradient of the mean loss of the k·b
 examples (for losses that are means over equal-size micro-batches), so batch 8 == 2 × 4.
@@ -129,12 +130,12 @@ class Trainer:
                 self._call("on_step_start", step)
                 metrics = self._train_step(step)
                 self.step, last = step, metrics
+                self._call("on_step_end", step, metrics)     # before logging: callbacks may add metrics
                 window.append(metrics)
                 bar.update(step, loss=metrics["loss"], lr=metrics["lr"], tok_per_s=metrics["tokens_per_s"])
                 if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
                     logger.log(step, _window_summary(window))
                     window = []
-                self._call("on_step_end", step, metrics)
                 if self.val_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
                     val_loss, evaluated_at = self._evaluate_and_log(logger, step), step
                 if cfg.save_every and step % cfg.save_every == 0:
@@ -371,8 +372,11 @@ class Trainer:
 
 def _window_summary(window: list[dict[str, float]]) -> dict[str, float]:
     """Means over the steps since the last log line; lr is the latest, tokens/s the window's rate."""
-    n = len(window)
-    summary = {k: sum(m[k] for m in window) / n for k in window[-1] if k not in ("tokens", "tokens_per_s")}
+    summary = {}
+    for key in window[-1]:
+        if key not in ("tokens", "tokens_per_s"):      # a callback's metric may start mid-window
+            values = [m[key] for m in window if key in m]
+            summary[key] = sum(values) / len(values)
     seconds = sum(m["step_time_s"] for m in window)
     summary["tokens_per_s"] = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
     summary["lr"] = window[-1]["lr"]

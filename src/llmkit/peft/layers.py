@@ -1,0 +1,102 @@
+"""The wrappers every method shares: an adapted layer and a trainable copy of a saved module.
+
+`AdaptedLayer` swaps in for a target nn.Linear / nn.Embedding (HF peft's design): it keeps the
+original as `base_layer` and holds any number of named adapters in a ModuleDict. Its output is
+
+    y = base_layer(x) + sum over active, unmerged adapters a of a(x)
+
+where each adapter returns its additive term (for LoRA (alpha/r) B A x). Merging adds an
+adapter's ΔW into base_layer.weight; unmerging subtracts it. `disabled` skips every adapter, so
+the same module is also the frozen base model (a free DPO reference).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PeftError
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.tied_elsewhere = False      # base weight shared with another module (a tied head)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `.weight` of a Linear keeps working
+        return self.base_layer.weight
+
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.base_layer, nn.Embedding)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)                         # (..., out) or (B, T, d)
+        if self.disabled:
+            return out
+        for name in self.active:
+            if name in self.merged:
+                continue
+            delta = self.adapters[name](x)
+            # In place: nn.Linear / nn.Embedding never save their output for backward, and this
+            # saves one (..., out) allocation per adapted layer.
+            out = out.add_(delta) if delta.dtype == out.dtype else out + delta.to(out.dtype)
+        return out
+
+    # ---- merging ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.merged:
+                continue
+            if self.tied_elsewhere:
+                raise PeftError(f"cannot merge adapter {name!r} into a weight shared with another module "
+                                "(a tied output head would change too); untie the weights first")
+            weight = self.base_layer.weight
+            weight.add_(self.adapters[name].delta_weight().to(weight.dtype))
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        for name in reversed(self.merged):
+            weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
+        self.merged = []
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full beside the adapters (a new task head): the frozen original plus one
+    trainable copy per adapter name; the active adapter's copy runs unless disabled."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        import copy
+        self.copies[name] = copy.deepcopy(self.original_module)
+        for p in self.copies[name].parameters():
+            p.requires_grad_(True)
+        self.active = name
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active not in self.copies:
+            return self.original_module(*args, **kwargs)
+        return self.copies[self.active](*args, **kwargs)
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
