@@ -51,8 +51,30 @@ def _pretrain_schema():
     return PretrainRecipe
 
 
+def _finetune_schema():
+    from .finetune.recipe import FinetuneRecipe
+    return FinetuneRecipe
+
+
+def _align_schema():
+    from .align.recipe import AlignRecipe
+    return AlignRecipe
+
+
+def _eval_schema():
+    from .finetune.evaluate import EvalRecipe
+    return EvalRecipe
+
+
 COMMANDS = {
     "pretrain": ("pretrain a model from a recipe (see recipes/)", _pretrain_schema),
+    "finetune": ("fine-tune every parameter: instruction SFT or sequence / token classification",
+                 _finetune_schema),
+    "eval": ("score a checkpoint on data: accuracy, P/R/F1, confusion matrix, perplexity, exact match",
+             _eval_schema),
+    "tune": ("hyperparameter search over a finetune recipe's search: block", _finetune_schema),
+    "align": ("preference alignment: method=rm | dpo | ipo | kto | orpo (see recipes/align_*.yaml)",
+              _align_schema),
     "generate": ("generate text from a checkpoint", lambda: GenerateRecipe),
     "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),
     "demo": ("the end-to-end demo on synthetic data, on a CPU", lambda: DemoRecipe),
@@ -90,6 +112,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         data = read_words(args.words)
+        if args.command in RUNNERS:
+            return _run_checked(args.command, RUNNERS[args.command], data)
         if args.command == "pretrain":
             from .pretrain import parse_recipe, run_pretrain
             run_pretrain(parse_recipe(data))
@@ -104,6 +128,45 @@ def main(argv=None) -> int:
             run_demo(out_dir=job.out, steps=job.steps, seed=job.seed)
     except RecipeError as exc:
         print(f"llmkit {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_finetune_command(data: dict) -> None:
+    from .finetune import parse_finetune_recipe, run_finetune
+    run_finetune(parse_finetune_recipe(data))
+
+
+def run_eval_command(data: dict) -> None:
+    from .finetune.evaluate import EvalRecipe, run_eval
+    run_eval(build(EvalRecipe, data))
+
+
+def run_tune_command(data: dict) -> None:
+    from .finetune import run_tune
+    result = run_tune(data)
+    print(f"best: {result.metric}={result.best_value:.4f} with {result.best_params}\n"
+          f"table: {result.table_path}\nbest recipe: {result.best_config_path}")
+
+
+def run_align_command(data: dict) -> None:
+    from .align.recipe import parse_align_recipe, run_align
+    run_align(parse_align_recipe(data))
+
+
+# Commands whose runner takes the merged recipe mapping; bad data or config values they raise
+# (DataError, ConfigError: ValueErrors naming the row / field) end the command with a message.
+RUNNERS = {"finetune": run_finetune_command, "eval": run_eval_command, "tune": run_tune_command,
+           "align": run_align_command}
+
+
+def _run_checked(command: str, runner, data: dict) -> int:
+    from .config import ConfigError
+    from .data.errors import DataError
+    try:
+        runner(data)
+    except (RecipeError, DataError, ConfigError) as exc:
+        print(f"llmkit {command}: {exc}", file=sys.stderr)
         return 2
     return 0
 

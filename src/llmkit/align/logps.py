@@ -1,0 +1,90 @@
+"""Log-probabilities of completions under a causal LM: the one quantity every alignment loss uses.
+
+For a sequence x = (prompt, completion) and a causal LM π,
+
+    log π(y | x) = Σ_{t ∈ completion} log softmax(logits_{t-1})[x_t]        (reduce="sum")
+    mean form    = log π(y | x) / |y|                                        (reduce="mean")
+
+`logits[:, t]` predicts token t+1 (the model's own alignment), `labels` are the input ids and
+`mask` marks the scored (completion) tokens with 1, aligned with `labels`. Everything is computed
+in fp32 and only at the masked positions, so prompt and padding positions cost nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+REDUCTIONS = ("sum", "mean")
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for flat rows: (N, V), (N,) -> (N,), in fp32.
+
+    logsumexp + gather instead of a full log_softmax: no second (N, V) tensor is kept."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # (N,)
+    return picked - torch.logsumexp(logits, dim=-1)                                # (N,)
+
+
+def reduce_per_sequence(per_token: torch.Tensor, rows: torch.Tensor, n_rows: int, reduce: str = "sum"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (or mean) flat per-token values (N,) into their sequences `rows` (N,): -> (B,), counts (B,)."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce={reduce!r}: expected one of {list(REDUCTIONS)}")
+    totals = per_token.new_zeros(n_rows).index_add(0, rows, per_token)            # (B,)
+    counts = torch.bincount(rows, minlength=n_rows).to(per_token.dtype)             # (B,)
+    if reduce == "mean":
+        totals = totals / counts.clamp(min=1)
+    return totals, counts
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, reduce: str = "sum",
+                   *, return_counts: bool = False):
+    """Per-sequence log π(completion | prompt): logits (B, T, V), labels (B, T), mask (B, T) -> (B,).
+
+    mask[:, 0] is ignored (the first token has no prediction). A row whose mask is all zero has
+    log-prob 0 with reduce="sum" and 0 with reduce="mean" (count clamped to 1); `return_counts`
+    also returns the number of scored tokens per row (B,)."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or mask.shape != labels.shape:
+        raise ValueError(f"sequence_logps: expected logits (B, T, V) with labels and mask (B, T); got "
+                         f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}")
+    scored = mask[:, 1:].bool()                                                    # (B, T-1)
+    rows = scored.nonzero(as_tuple=True)[0]                                        # (N,)
+    per_token = token_logps(logits[:, :-1][scored], labels[:, 1:][scored])         # (N,)
+    totals, counts = reduce_per_sequence(per_token, rows, logits.shape[0], reduce)
+    return (totals, counts) if return_counts else totals
+
+
+def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    loss_mask: torch.Tensor, reduce: str = "sum", *, return_counts: bool = False):
+    """sequence_logps of `model` on a batch, with one forward.
+
+    For an llmkit CausalLM the LM head runs only on the hidden states that predict a completion
+    token (the (B, T, V) logits of prompt and padding positions are never built): same numbers as
+    `sequence_logps(model(...).logits, ...)`, a fraction of the head's time and memory. Any other
+    model (a DDP wrapper, a Hugging Face model) goes through its own forward and sequence_logps."""
+    transformer, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
+    if transformer is None or head is None or not hasattr(model, "tie_weights"):
+        logits = model(input_ids, attention_mask=attention_mask).logits            # (B, T, V)
+        return sequence_logps(logits, input_ids, loss_mask, reduce, return_counts=return_counts)
+    hidden = transformer(input_ids, attention_mask).last_hidden_state              # (B, T, d)
+    scored = loss_mask[:, 1:].bool()                                               # (B, T-1)
+    rows = scored.nonzero(as_tuple=True)[0]                                        # (N,)
+    logits = head(hidden[:, :-1][scored])                                          # (N, V)
+    per_token = token_logps(logits, input_ids[:, 1:][scored])                      # (N,)
+    totals, counts = reduce_per_sequence(per_token, rows, input_ids.shape[0], reduce)
+    return (totals, counts) if return_counts else totals
+
+
+def mean_token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over scored positions of KL(π(·|x_<t) ‖ π_ref(·|x_<t)) = Σ_v π(v)(log π(v) − log π_ref(v)).
+
+    logits (B, T, V) from both models on the same inputs, mask (B, T) aligned with the labels as in
+    sequence_logps. The exact next-token KL (no sampling), averaged over the completion tokens."""
+    scored = mask[:, 1:].bool()                                                    # (B, T-1)
+    logp = policy_logits[:, :-1][scored].float().log_softmax(-1)                   # (N, V)
+    logq = reference_logits[:, :-1][scored].float().log_softmax(-1)                # (N, V)
+    if logp.shape[0] == 0:
+        return logp.new_zeros(())
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
