@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from machine_info import cpu_model
 
 import llmkit
 from llmkit.generation import generate as llmkit_generate
@@ -148,16 +149,6 @@ def bench_config(name: str, size: dict, kv_heads: int, reps: int) -> list[tuple]
         print(f"  {label}: llmkit {tps_ours:.0f}  hf {tps_hf:.0f}")
         rows.append((label, f"{tps_ours:.0f}", f"{tps_hf:.0f}", f"{tps_ours / tps_hf:.2f}"))
     return rows
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def table(rows: list[tuple], size: dict, reps: int, quick: bool) -> str:

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -201,9 +200,11 @@ def main() -> None:
     import torch
     import transformers
     import trl
+
+    from machine_info import cpu_model
     speed = results["trl"]["step_s"] / results["llmkit"]["step_s"]
     memory = results["trl"]["peak_mib"] / max(results["llmkit"]["peak_mib"], 1e-9)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'CPU'}, {args.threads} threads"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads"
     lines = ["# llmkit vs TRL: DPO training step", "",
              "- model: Llama 4 layers, hidden 256, 4 heads (2 kv), intermediate 688, BPE vocab 8192; same weights",
              f"- data: HH-RLHF harmless pairs that fit max_length={args.max_length}; batch {args.batch} pairs; "

@@ -284,7 +284,8 @@ def main() -> None:
     if opts.quick:
         opts.batch, opts.length = min(opts.batch, 8), min(opts.length, 32)
     opts.methods = opts.methods.split(",")
-    header = (f"machine: {os.cpu_count()} CPUs, torch threads {opts.threads}; "
+    from machine_info import machine_line
+    header = (f"machine: {machine_line()}, torch threads {opts.threads}; "
               f"{time.strftime('%Y-%m-%d')}{' (--quick smoke run: not a measurement)' if opts.quick else ''}")
     sections = {}
     for part, fn, file in (("speed", part_speed, "peft_vs_hf.md"), ("sst2", part_sst2, "peft_sst2.md"),

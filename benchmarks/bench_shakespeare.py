@@ -50,6 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+
+from machine_info import cpu_model
 import torch.nn.functional as F
 
 from llmkit.data import RandomWindowBatches, load_shards
@@ -330,16 +332,6 @@ def extras_cost(tmp: Path, steps: int, log_every: int) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> str:
     try:
         import transformers
