@@ -32,7 +32,7 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
 
 @dataclass
 class ModelSection:
-    checkpoint: Optional[str] = None     # a Hugging Face or llmkit folder (the key `from` is an alias)
+    checkpoint: Optional[str] = None     # a Hugging Face or llmkit folder, or package:NAME (the key `from` is an alias)
     preset: Optional[str] = None         # or a preset, trained from scratch (with `config` overrides)
     config: dict = field(default_factory=dict)
     task: str = "causal_lm"
@@ -41,6 +41,9 @@ class ModelSection:
                                          # has one, else cls (encoders) / last (decoders)
 
     def __post_init__(self):
+        from ..io.packaged import resolve_checkpoint
+        if self.checkpoint is not None:
+            self.checkpoint = resolve_checkpoint(self.checkpoint)
         _choice("model", "task", self.task, TASKS)
         _choice("model", "pooling", self.pooling, POOLINGS)
         if self.checkpoint is not None and self.config:
