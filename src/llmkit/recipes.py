@@ -10,6 +10,7 @@ syntax for the value (`train.lr=1e-3`, `train.betas=[0.9,0.95]`, `model.sliding_
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import types
 import typing
@@ -129,6 +130,8 @@ def coerce(hint: Any, value: Any, dotted: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):    # a pathlib.Path from Python code: a path field's value
+            return os.fspath(value)
     elif isinstance(hint, type) and isinstance(value, hint):
         return value
     raise RecipeError(f"{dotted}={value!r}: expected {_name(hint)}, found {type(value).__name__}")
