@@ -11,10 +11,9 @@ from llmkit.recipes import RecipeError, apply_overrides, load_yaml
 from llmkit.tokenizer import train_char
 
 from conftest import REPO, SHARED_DATA
-from test_align_support import one_thread_fixture
 
 
-one_thread = one_thread_fixture()     # tiny models: see test_align_support
+pytestmark = pytest.mark.usefixtures("one_thread_module")     # tiny models: see conftest.torch_threads
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ import torch.nn.functional as F
 from llmkit.align import (dpo_loss, ipo_loss, kto_loss, log1mexp, orpo_loss, preference_metrics, reward_loss,
                           sequence_logps)
 
-from test_align_support import one_thread_fixture
 
 PC, PR = torch.tensor([-10.0, -8.0]), torch.tensor([-12.0, -7.0])      # policy chosen / rejected
 RC, RR = torch.tensor([-11.0, -8.5]), torch.tensor([-11.5, -7.5])      # reference chosen / rejected
 
 
-one_thread = one_thread_fixture()     # tiny models: see test_align_support
+pytestmark = pytest.mark.usefixtures("one_thread_module")     # tiny models: see conftest.torch_threads
 
 
 def sig(x):

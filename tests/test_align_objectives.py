@@ -12,13 +12,12 @@ from llmkit.model import ValueModel
 from llmkit.tokenizer import train_char
 from llmkit.train import TrainConfig, Trainer
 
-from test_align_support import one_thread_fixture
 
 ROWS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in
         [(1, 2), (12, 7), (30, 4), (5, 55), (8, 9), (41, 2), (3, 3), (20, 20)]]
 
 
-one_thread = one_thread_fixture()     # tiny models: see test_align_support
+pytestmark = pytest.mark.usefixtures("one_thread_module")     # tiny models: see conftest.torch_threads
 
 
 @pytest.fixture(scope="module")

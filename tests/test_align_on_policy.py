@@ -6,10 +6,9 @@ import llmkit
 from llmkit.align import complete, on_policy_pairs
 from llmkit.tokenizer import train_char
 
-from test_align_support import one_thread_fixture
 
 
-one_thread = one_thread_fixture()     # tiny models: see test_align_support
+pytestmark = pytest.mark.usefixtures("one_thread_module")     # tiny models: see conftest.torch_threads
 
 
 @pytest.fixture(scope="module")

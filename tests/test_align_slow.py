@@ -11,7 +11,6 @@ from llmkit.align import (PreferenceBatches, RewardObjective, normalize_rows, re
 from llmkit.train import TrainConfig, Trainer
 
 from conftest import SHARED_DATA
-from test_align_support import one_thread_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +57,8 @@ def test_reward_model_on_minilm_beats_chance_on_held_out_hh_rlhf(tmp_path):
     assert after > 0.5
 
 
-one_thread = one_thread_fixture(autouse=False)     # for the 0.3M model below, not MiniLM
-
-
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory, one_thread):
+def sft_model(tmp_path_factory, one_thread_module):     # one thread for the 0.3M model, not MiniLM
     """The demo's path in small: a tiny llama pretrained on SyntheticTasks text (600 steps), then
     instruction SFT in the demo's chat format with the loss on answer tokens only (200 steps), so it
     is half-right. Shared by the four methods (each aligns its own deep copy)."""

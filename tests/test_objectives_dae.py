@@ -234,14 +234,6 @@ def test_objective_loss_matches_formulas_on_a_model(one_thread):
     assert any(n.startswith("transformer.encoder.") for n in grads)               # flows through x̃ too
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_feature_vector_denoising_learns(one_thread):
     """Continuous DAE on feature vectors through a `dae_projection`: x_t = (z + 0.3 ε_t) B with one latent

@@ -282,7 +282,6 @@ def test_target_matching_nothing_lists_similar_names():
         peft.apply(tiny(), "lora", targets=["q_projj"])
     with pytest.raises(PeftError, match="query"):
         peft.apply(tiny(), "lora", targets=["query"])        # HF-style name: the error says what exists
-    model = tiny()
     with pytest.raises(PeftError, match="layers"):
         peft.apply(tiny(), "lora", targets=["q_proj"], layers=[7])
 

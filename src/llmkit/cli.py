@@ -114,10 +114,6 @@ def main(argv=None) -> int:
         data = read_words(args.words)
         if args.command in RUNNERS:
             return _run_checked(args.command, RUNNERS[args.command], data)
-        if args.command == "pretrain":
-            from .pretrain import parse_recipe, run_pretrain
-            run_pretrain(parse_recipe(data))
-            return 0
         job = build(COMMANDS[args.command][1](), data)
         if args.command == "generate":
             run_generate(job)
@@ -130,6 +126,11 @@ def main(argv=None) -> int:
         print(f"llmkit {args.command}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_pretrain_command(data: dict) -> None:
+    from .pretrain import parse_recipe, run_pretrain
+    run_pretrain(parse_recipe(data))
 
 
 def run_finetune_command(data: dict) -> None:
@@ -156,8 +157,8 @@ def run_align_command(data: dict) -> None:
 
 # Commands whose runner takes the merged recipe mapping; bad data or config values they raise
 # (DataError, ConfigError: ValueErrors naming the row / field) end the command with a message.
-RUNNERS = {"finetune": run_finetune_command, "eval": run_eval_command, "tune": run_tune_command,
-           "align": run_align_command}
+RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
+           "tune": run_tune_command, "align": run_align_command}
 
 
 def _run_checked(command: str, runner, data: dict) -> int:

@@ -27,8 +27,6 @@ Choices, and why:
 """
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import warnings
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from ..data.errors import DataError
+from ..data.readers import read_records
 
 ASSISTANT = "\n\nAssistant:"
 IDENTICAL = ("drop", "error")
@@ -44,24 +43,13 @@ IDENTICAL = ("drop", "error")
 
 # ---- reading and normalising rows -----------------------------------------------------------------
 def read_rows(source: Any) -> list[dict]:
-    """Rows from a .jsonl / .jsonl.gz / .json file (a list of objects), or a list of dicts as is."""
+    """Rows from a .jsonl / .jsonl.gz / .json (a list of objects) / .tsv / .csv file, or a list of dicts as is."""
     if isinstance(source, (list, tuple)):
         return list(source)
     path = Path(source)
     if not path.is_file():
         raise DataError(f"data.source={str(source)!r}: file not found (expected .jsonl, .jsonl.gz or .json)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{n}: not valid JSON ({exc})") from exc
-            return rows
-        data = json.load(f)
+    data, _ = read_records(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, found {type(data).__name__}")
     return data

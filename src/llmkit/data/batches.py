@@ -134,7 +134,24 @@ class _Batches:
                                 f"{name} has {key}={value!r}; resuming would not continue the same batches")
 
 
-class RandomWindowBatches(_Batches):
+class StepBatches(_Batches):
+    """Batches that are a pure function of the step number: a subclass defines `batch_at(step)` and
+    sets `self.step = 0`; iterating, the state ({"step": s} plus the config) and resuming follow."""
+
+    def __next__(self) -> dict:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"type": type(self).__name__, "step": self.step, **self._config()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_state(state, ("step",))
+        self.step = _check_int("state['step']", state["step"], 0)
+
+
+class RandomWindowBatches(StepBatches):
     """nanoGPT-style random windows, endless: step s draws `batch_size` offsets uniformly from
     [0, len(tokens) - block_size) with a generator seeded by (seed, s), so every step's batch is a
     pure function of the step number and the state is just {"step": s}. Rank r keeps rows r::world_size."""
@@ -156,18 +173,6 @@ class RandomWindowBatches(_Batches):
 
     def batch_at(self, step: int) -> dict:
         return self._batch(_gather(self.tokens, self.offsets(step), self.block_size + 1))
-
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"type": type(self).__name__, "step": self.step, **self._config()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._check_state(state, ("step",))
-        self.step = _check_int("state['step']", state["step"], 0)
 
 
 class PackedBatches(_Batches):

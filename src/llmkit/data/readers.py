@@ -1,4 +1,5 @@
-"""File readers behind iter_texts: txt (whole / lines / paragraphs), jsonl(.gz), tsv/csv, parquet."""
+"""File readers: the texts behind iter_texts (txt whole / lines / paragraphs, jsonl(.gz), tsv/csv, parquet),
+and whole row tables for fine-tuning, contrastive and preference data (`read_records`)."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,7 @@ from typing import Any, Iterator
 
 from .errors import DataError
 
-__all__ = ["iter_files"]
+__all__ = ["iter_files", "read_records"]
 
 
 def iter_files(paths: list[Path], text_field: str, mode: str) -> Iterator[str]:
@@ -123,3 +124,35 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
         for text in batch.column(0).to_pylist():
             if text:
                 yield text
+
+
+def read_records(path: Path) -> tuple[list, list[int]]:
+    """All rows of a table file -> (rows, their 1-based line numbers, for error messages).
+
+    .tsv / .csv (optionally .gz): dicts keyed by the header; a TSV is read without quoting, as GLUE
+    writes it (SST-2's sentences hold quote characters). .json holding one array: its items (numbered
+    from 0). Anything else is JSON Lines (.jsonl, .jsonl.gz): one value per non-blank line."""
+    name = path.name.lower().removesuffix(".gz")
+    with _open_text(path) as f:
+        if name.endswith((".tsv", ".csv")):
+            tsv = name.endswith(".tsv")
+            reader = csv.DictReader(f, delimiter="\t" if tsv else ",",
+                                    quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+            records = list(reader)
+            return records, list(range(1, len(records) + 1))     # data rows, 1-based, header excluded
+        text = f.read()
+    if name.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"'{path}': not valid JSON ({err})") from err
+        return records, list(range(len(records)))
+    records, lines = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
+            lines.append(lineno)
+    return records, lines

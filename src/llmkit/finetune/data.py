@@ -17,16 +17,13 @@ Every row keeps where it came from (file and line or row number), so a bad value
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..data.errors import DataError
+from ..data.readers import read_records
 
 SHAPES = {
     "prompt_response": (("prompt", "response"), ("system",)),
@@ -57,7 +54,7 @@ def read_source(source: Any, split: str = "train") -> tuple[list[dict], list[str
         if not path.is_file():
             raise DataError(f"data.{split}={str(source)!r}: file not found (expected a .jsonl, .json, .csv or "
                             ".tsv file, a list of rows, or {{hf: name}})")
-        records, lines = _read_file(path)
+        records, lines = read_records(path)
         unit = "row" if path.name.lower().endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")) else "line"
         return records, [f"'{path.name}' {unit} {n}" for n in lines], f"'{path}'"
     if isinstance(source, (list, tuple)):
@@ -66,40 +63,6 @@ def read_source(source: Any, split: str = "train") -> tuple[list[dict], list[str
                 raise DataError(f"data.{split}[{i}]: expected a row mapping, found {type(record).__name__}")
         return list(source), [f"{split} row {i}" for i in range(len(source))], f"{split} rows"
     raise DataError(f"data.{split}={source!r}: expected a path, a list of row dicts, an HF Dataset or {{hf: name}}")
-
-
-def _open(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _read_file(path: Path) -> tuple[list[dict], list[int]]:
-    name = path.name.lower().removesuffix(".gz")
-    with _open(path) as f:
-        if name.endswith((".tsv", ".csv")):
-            tsv = name.endswith(".tsv")
-            # SST-2's sentences hold quote characters: a TSV is read without quoting, as GLUE writes it.
-            reader = csv.DictReader(f, delimiter="\t" if tsv else ",",
-                                    quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-            records = list(reader)
-            return records, list(range(1, len(records) + 1))     # data rows, 1-based, header excluded
-        text = f.read()
-    if name.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"'{path}': not valid JSON ({err})") from err
-        return records, list(range(len(records)))
-    records, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
-            lines.append(lineno)
-    return records, lines
 
 
 def _load_hf(spec: dict, split: str):

@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 
 from ..config import ConfigError, ModelConfig
 from ..io import load_any, save_hf, save_llmkit
 from ..io.errors import CheckpointError
 from ..io.hf import expected_tensors
-from ..io.safetensors_files import atomic_write_text, read_json, read_tensors, weight_files, write_tensors
+from ..io.native import load_tensors_into
+from ..io.safetensors_files import atomic_write_text, read_json, write_tensors
 from ..model import CausalLM, SequenceClassifier, TokenClassifier, build_model
 from ..presets import get_preset
 from ..pretrain import save_model
@@ -134,18 +134,5 @@ def load_finetuned(path: Union[str, Path]):
         raise CheckpointError(f"{directory / HEAD_FILE}: key 'config': {exc}") from exc
     model = _make_head(meta["task"], config, int(meta["n_labels"]), meta.get("pooling") or "auto",
                        bool(meta.get("bert_pooler")))
-    wanted = expected_tensors(model)
-    files = weight_files(directory)
-    missing = [name for name in wanted if name not in files]
-    if missing:
-        raise CheckpointError(f"{directory}: tensors {missing[:5]} are missing")
-    stored = read_tensors({name: files[name] for name in wanted})
-    for name, tensor in stored.items():
-        if tuple(tensor.shape) != tuple(wanted[name].shape):
-            raise CheckpointError(f"{files[name]}: tensor {name!r}: expected shape {list(wanted[name].shape)}, "
-                                  f"found {list(tensor.shape)}")
-    with torch.no_grad():
-        for name, tensor in stored.items():
-            wanted[name].copy_(tensor)
-    model.tie_weights()
+    load_tensors_into(model, directory)
     return model.eval(), meta

@@ -48,9 +48,16 @@ def load_llmkit(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: key 'config': {exc}") from exc
     model = build_model(config, meta.get("task"))
+    load_tensors_into(model, directory)
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def load_tensors_into(model: LlmkitModel, directory: Path) -> None:
+    """Copy the safetensors weights of `directory` into `model`, checking every tensor's presence and
+    shape before copying anything (a bad file leaves the model untouched); then re-tie weights."""
     wanted = expected_tensors(model)
     files = weight_files(directory)
-    for name, tensor in wanted.items():  # check everything before copying anything
+    for name, tensor in wanted.items():
         if name not in files:
             raise CheckpointError(f"{directory}: tensor {name!r} is missing (expected shape {list(tensor.shape)})")
     stored = read_tensors({name: files[name] for name in wanted})
@@ -62,7 +69,6 @@ def load_llmkit(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
         for name, tensor in stored.items():
             wanted[name].copy_(tensor)
     model.tie_weights()
-    return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 
 def load_any(path: Union[str, Path], **kwargs) -> LlmkitModel:

@@ -18,20 +18,17 @@ r::world_size of it. Texts are tokenized with the project's Tokenizer, truncated
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..data import iter_texts
-from ..data.batches import _Batches
+from ..data.batches import StepBatches
 from ..data.errors import DataError
+from ..data.readers import read_records
 from ..data.sources import DATA_SUFFIXES, resolve_paths
 
 MODES = ("auto", "pairs", "labels", "texts")
@@ -56,27 +53,6 @@ class ContrastiveExamples:
                        negatives=take(self.negatives), labels=take(self.labels))
 
 
-def _read_rows(path: Path) -> list:
-    name = path.name.lower()
-    if name.endswith((".tsv", ".csv")):
-        with open(path, encoding="utf-8", newline="") as f:
-            tsv = name.endswith(".tsv")
-            return list(csv.DictReader(f, delimiter="\t" if tsv else ",",
-                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
-    if name.endswith(".json") and path.read_text(encoding="utf-8")[:4096].lstrip().startswith("["):
-        return json.loads(path.read_text(encoding="utf-8"))
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = []
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
-        return rows
-
-
 def _looks_like_path(item: Any) -> bool:
     return isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item
                                               and item.lower().endswith(DATA_SUFFIXES))
@@ -91,7 +67,7 @@ def load_rows(source: Any, *, text_field: str = "text", split_lines: Any = True)
         paths = resolve_paths(source)
         tables = [p.name.lower().endswith(_ROW_SUFFIXES) for p in paths]
         if all(tables):
-            return [row for path in paths for row in _read_rows(path)]
+            return [row for path in paths for row in read_records(path)[0]]
         if any(tables):
             raise DataError(f"contrastive source mixes table files and text files ({[str(p) for p in paths][:4]}); "
                             "expected one kind")
@@ -233,7 +209,7 @@ def encode_truncated(tokenizer, texts: list, block_size: int) -> list:
     return out
 
 
-class ContrastiveBatches(_Batches):
+class ContrastiveBatches(StepBatches):
     """Endless seeded batches of views (see the module docstring); `negatives=True` adds a third view:
     the row's negative column, a different-label sentence, or another row's positive (texts: another
     text). Held-out batches: `batch_at(step)` never touches the state."""
@@ -298,15 +274,3 @@ class ContrastiveBatches(_Batches):
         if labels is not None:
             batch["labels"] = torch.tensor(labels[self.rank::self.world_size], dtype=torch.long)  # (b,)
         return batch
-
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"type": type(self).__name__, "step": self.step, **self._config()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._check_state(state, ("step",))
-        self.step = int(state["step"])
