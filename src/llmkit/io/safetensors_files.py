@@ -91,7 +91,7 @@ def parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a string like '2GB'")
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
@@ -116,12 +116,12 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_s
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        _atomic_save(shards[0], directory / SINGLE_FILE)
+        atomic_save_tensors(shards[0], directory / SINGLE_FILE)
         written = [SINGLE_FILE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for shard, file in zip(shards, names):
-            _atomic_save(shard, directory / file)
+            atomic_save_tensors(shard, directory / file)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {key: file for shard, file in zip(shards, names) for key in shard}}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..io.errors import CheckpointError
-from ..io.safetensors_files import atomic_write_text, read_json
+from ..io.safetensors_files import atomic_save_tensors, atomic_write_text, read_json
 from .errors import PeftError
 
 PREFIX = "base_model.model."
@@ -79,7 +79,6 @@ def _param_rules(model: nn.Module, module_name: str) -> dict[str, str]:
 # ---- export ------------------------------------------------------------------------------------
 
 def export(handle, name: str, directory: Path) -> None:
-    from safetensors.torch import save_file
     from .lora import LoraAdapter, LoraEmbeddingAdapter
     model = handle.model
     info = handle.adapters[name]
@@ -150,8 +149,7 @@ def export(handle, name: str, directory: Path) -> None:
         "rank_pattern": {k: v for k, v in ranks.items() if v != r},
         "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
     }
-    save_file(tensors, str(directory / (WEIGHTS_FILE + ".tmp")), metadata={"format": "pt"})
-    (directory / (WEIGHTS_FILE + ".tmp")).replace(directory / WEIGHTS_FILE)
+    atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
 
 

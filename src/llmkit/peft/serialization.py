@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..io.errors import CheckpointError
-from ..io.safetensors_files import atomic_write_text, read_json
+from ..io.safetensors_files import atomic_save_tensors, atomic_write_text, read_json
 from . import peft_format
 from .errors import PeftError
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE
@@ -53,10 +53,7 @@ def save_adapter(handle, directory: Union[str, Path], *, format: str = "llmkit",
                 tensors[key] = tensor.detach().contiguous().cpu()
         entries[name] = {"method": info.method, "config": info.config.to_dict(), "targets": info.targets,
                          "modules_to_save": info.saved, "rank_pattern": info.rank_pattern}
-    from safetensors.torch import save_file
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / WEIGHTS_FILE)
+    atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
     meta = {"format": "llmkit", "adapters": entries, "active": [n for n in handle.active if n in names]}
     atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True))
     return directory
