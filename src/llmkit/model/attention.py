@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
+from .dropout import fast_path, keep_mask
 from .positions import apply_rope
 
 
@@ -79,11 +80,41 @@ class Attention(nn.Module):
             # Repeat each key/value head for its query group. SDPA's enable_gqa would avoid the copy,
             # but on CPU it falls back to a kernel measured ~10x slower than this.
             k, v = repeat_kv(k, self.n_heads // self.n_kv_heads), repeat_kv(v, self.n_heads // self.n_kv_heads)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)                       # (B, nh, T, hd)
+        p = self.dropout if self.training else 0.0
+        if p and fast_path(q, p) and (mask is None or mask.dtype == q.dtype):
+            out = attention_with_dropout(q, k, v, mask, is_causal, p)               # (B, nh, T, hd)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                 dropout_p=p)                        # (B, nh, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)       # (B, T, nh*hd)
         return self.o_proj(out)
+
+
+def attention_with_dropout(q, k, v, mask, is_causal: bool, p: float) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_h) + M) with dropout on the probabilities, times V.
+
+    The computation SDPA's math path does when CPU training has attention dropout (its fused
+    kernels take no dropout there), written out so the probabilities get the cheap 16-bit keep
+    mask of dropout.py and the 1 / (1 - p') scale lands on the output, (T, hd) per head, instead of
+    the (T, Tk) probabilities. Masks are dtype-min, never -inf, so no row needs a NaN guard.
+    q: (B, nh, T, hd), k/v: (B, nh, Tk, hd), mask: additive, broadcastable to (B, nh, T, Tk).
+    """
+    B, nh, T, hd = q.shape
+    Tk = k.shape[2]
+    q3, k3, v3 = q.reshape(B * nh, T, hd), k.reshape(B * nh, Tk, hd), v.reshape(B * nh, Tk, hd)
+    if mask is None and is_causal:   # SDPA's convention: query i sees keys 0..i
+        hidden = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu_(1)
+        mask = torch.zeros(T, Tk, dtype=q.dtype, device=q.device).masked_fill_(hidden, torch.finfo(q.dtype).min)
+    if mask is None:
+        scores = torch.baddbmm(q3.new_empty(1, 1, 1), q3, k3.transpose(1, 2), beta=0.0, alpha=hd ** -0.5)
+    else:            # the mask rides on the matmul as its additive input (broadcast over queries)
+        mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mask3 = mask4.expand(B, nh, mask4.shape[2], Tk).reshape(B * nh, mask4.shape[2], Tk)
+        scores = torch.baddbmm(mask3, q3, k3.transpose(1, 2), alpha=hd ** -0.5)   # (B*nh, T, Tk)
+    probs = torch.softmax(scores, dim=-1)                                           # (B*nh, T, Tk)
+    keep, scale = keep_mask(probs.shape, p, probs.device)
+    out = torch.bmm(probs * keep, v3).mul_(scale)                                  # (B*nh, T, hd)
+    return out.view(B, nh, T, hd)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention
+from .dropout import Dropout
 from .mlp import MLP
 from .norms import build_norm
 
@@ -38,7 +39,7 @@ class Block(nn.Module):
             self.cross_attn = Attention(config, cross=True)
         self.mlp_norm = build_norm(config)
         self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)     # applied fused with each residual add
         self.post_attn_adapter: Optional[nn.Module] = None
         self.post_mlp_adapter: Optional[nn.Module] = None
         self.parallel_attn: Optional[nn.Module] = None
@@ -50,7 +51,7 @@ class Block(nn.Module):
             out = out + self.parallel_attn(h)
         if self.post_attn_adapter is not None:
             out = self.post_attn_adapter(out)
-        return self.dropout(out)
+        return out
 
     def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.mlp(h)
@@ -58,10 +59,10 @@ class Block(nn.Module):
             out = out + self.parallel_mlp(h)
         if self.post_mlp_adapter is not None:
             out = self.post_mlp_adapter(out)
-        return self.dropout(out)
+        return out
 
     def _cross(self, x, memory, memory_mask, cache, layer):
-        return self.dropout(self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer))
+        return self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
 
     def forward(
         self,
@@ -76,14 +77,16 @@ class Block(nn.Module):
         memory_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         attn_kwargs = dict(mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        add = self.dropout.add                        # residual + dropout(sublayer), one pass
         if self.pre_norm:
             if self.parallel_residual:
-                return x + self._attend(self.attn_norm(x), **attn_kwargs) + self._feed_forward(self.mlp_norm(x))
-            x = x + self._attend(self.attn_norm(x), **attn_kwargs)
+                attn = self._attend(self.attn_norm(x), **attn_kwargs)
+                return add(add(x, attn), self._feed_forward(self.mlp_norm(x)))
+            x = add(x, self._attend(self.attn_norm(x), **attn_kwargs))
             if self.cross_attn is not None:
-                x = x + self._cross(self.cross_attn_norm(x), memory, memory_mask, cache, layer)
-            return x + self._feed_forward(self.mlp_norm(x))
-        x = self.attn_norm(x + self._attend(x, **attn_kwargs))
+                x = add(x, self._cross(self.cross_attn_norm(x), memory, memory_mask, cache, layer))
+            return add(x, self._feed_forward(self.mlp_norm(x)))
+        x = self.attn_norm(add(x, self._attend(x, **attn_kwargs)))
         if self.cross_attn is not None:
-            x = self.cross_attn_norm(x + self._cross(x, memory, memory_mask, cache, layer))
-        return self.mlp_norm(x + self._feed_forward(x))
+            x = self.cross_attn_norm(add(x, self._cross(x, memory, memory_mask, cache, layer)))
+        return self.mlp_norm(add(x, self._feed_forward(x)))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .dropout import Dropout
 from .mlp import ACTIVATION_FUNCTIONS
 from .norms import build_norm
 
@@ -70,7 +71,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, d_in: int, n_labels: int, dropout: float = 0.0):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.proj = nn.Linear(d_in, n_labels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

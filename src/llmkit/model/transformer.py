@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from .block import Block
 from .cache import KVCache
+from .dropout import Dropout
 from .masks import build_attention_mask, padding_mask
 from .norms import build_norm
 from .positions import RotaryEmbedding, sinusoidal_table
@@ -53,7 +54,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config) if config.positional == "rope" else None
         self.embed_token_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
         self.embed_norm = build_norm(config) if config.embed_norm else None
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = Dropout(config.dropout)
         self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
         self.layers = nn.ModuleList(
             Block(config, cross_attention=cross_attention) for _ in range(n_layers or config.n_layers))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.dropout import Dropout
 from .adalora_budget import budget_at, orthogonality, update_importance
 from .errors import PeftError
 from .registry import AdapterConfig, Method, register
@@ -68,7 +69,7 @@ class AdaLoraAdapter(nn.Module):
         for p in ("A", "E", "B"):   # importance state: not saved (it only steers pruning)
             self.register_buffer(f"ibar_{p}", torch.zeros_like(getattr(self, f"lora_{p}")), persistent=False)
             self.register_buffer(f"ubar_{p}", torch.zeros_like(getattr(self, f"lora_{p}")), persistent=False)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.dropout = Dropout(config.dropout) if config.dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:

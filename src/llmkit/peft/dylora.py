@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.dropout import Dropout
 from .errors import PeftError
 from .registry import AdapterConfig, Method, register
 
@@ -59,7 +60,7 @@ class DyLoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.dropout = Dropout(config.dropout) if config.dropout > 0 else None
 
     def rank(self) -> int:
         b = self.state.train if self.training else self.state.eval

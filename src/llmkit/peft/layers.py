@@ -5,7 +5,8 @@ original as `base_layer` and holds any number of named adapters in a ModuleDict.
 
     y = base_layer(x) + sum over active, unmerged adapters a of a(x)
 
-where each adapter returns its additive term (for LoRA (alpha/r) B A x). Merging adds an
+where each adapter returns its additive term (for LoRA (alpha/r) B A x); an adapter with an
+`add_to(out, x)` method computes out + term itself (LoRA fuses it into one addmm). Merging adds an
 adapter's ΔW into base_layer.weight; unmerging subtracts it. `disabled` skips every adapter, so
 the same module is also the frozen base model (a free DPO reference).
 """
@@ -42,7 +43,12 @@ class AdaptedLayer(nn.Module):
         for name in self.active:
             if name in self.merged:
                 continue
-            delta = self.adapters[name](x)
+            adapter = self.adapters[name]
+            add_to = getattr(adapter, "add_to", None)
+            if add_to is not None and out.dtype == x.dtype:   # fused add (LoRA: one addmm)
+                out = add_to(out, x)
+                continue
+            delta = adapter(x)
             # In place: nn.Linear / nn.Embedding never save their output for backward, and this
             # saves one (..., out) allocation per adapted layer.
             out = out.add_(delta) if delta.dtype == out.dtype else out + delta.to(out.dtype)

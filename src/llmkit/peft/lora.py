@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.dropout import Dropout
 from .registry import AdapterConfig, Method, register
 
 
@@ -43,7 +44,7 @@ class LoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # nn.Linear's own init, as the paper
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -51,6 +52,17 @@ class LoraAdapter(nn.Module):
         # (x A^T) B^T, never B A: the rank-r intermediate keeps it O(N r (in + out)).
         z = F.linear(x, self.lora_A) * self.scale                                 # (..., r)
         return F.linear(z, self.lora_B)                                           # (..., out)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + forward(x) as one addmm: the scale and the add ride on the second matmul, so no
+        (..., out) temporary, no separate scale pass and no in-place write into the base output."""
+        if self.dropout is not None:
+            x = self.dropout(x)
+        z = F.linear(x, self.lora_A)                                              # (..., r)
+        n_out = out.shape[-1]
+        summed = torch.addmm(out.reshape(-1, n_out), z.reshape(-1, self.r), self.lora_B.t(),
+                             alpha=self.scale)                                    # (N, out)
+        return summed.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale                           # (out, in)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from ..model.dropout import Dropout
 from .lora import LoraConfig, lora_scale
 from .registry import Method, register
 
@@ -51,7 +52,7 @@ class LoraFAAdapter(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.register_buffer("lora_A", A)                                         # frozen, saved
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
