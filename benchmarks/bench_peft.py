@@ -88,23 +88,25 @@ def llmkit_classifier():
 
 # ---- (a) step time / memory, one side per process ----------------------------------------------
 
-def speed_worker(side: str, steps: int, warmup: int, batch: int, length: int, threads: int) -> dict:
+def speed_worker(side: str, steps: int, warmup: int, batch: int, length: int, threads: int,
+                 dtype: str = "fp32") -> dict:
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     ids, mask, labels = sst2_batch(batch, length)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if side == "hf":
         import transformers
         from peft import LoraConfig, TaskType, get_peft_model
         model = transformers.BertForSequenceClassification.from_pretrained(
-            minilm_path(), num_labels=2, attn_implementation="sdpa")
+            minilm_path(), num_labels=2, attn_implementation="sdpa", dtype=torch_dtype)
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules=["query", "value"]))
         forward = lambda: model(input_ids=ids, attention_mask=mask).logits
     else:
         import llmkit.peft as peft
-        model = llmkit_classifier()
+        model = llmkit_classifier().to(torch_dtype)
         peft.apply(model, "lora", r=8, alpha=16, dropout=0.0, targets=["q_proj", "v_proj"], train_head=True)
         forward = lambda: model(ids, attention_mask=mask).logits
     model.train()
@@ -124,7 +126,7 @@ def speed_worker(side: str, steps: int, warmup: int, batch: int, length: int, th
         step()
         times.append(time.perf_counter() - t)
     act = saved_bytes(lambda: F.cross_entropy(forward(), labels), model)
-    return {"side": side, "step_s": statistics.median(times), "trainable": sum(p.numel() for p in params),
+    return {"side": side, "dtype": dtype, "step_s": statistics.median(times), "trainable": sum(p.numel() for p in params),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "saved_mb": act / 2**20}
 
 
@@ -136,17 +138,24 @@ def run_subprocess(args: list[str]) -> dict:
 
 
 def part_speed(opts) -> str:
+    return "\n\n".join(speed_table(opts, dtype) for dtype in opts.dtypes.split(","))
+
+
+def speed_table(opts, dtype: str) -> str:
     rows = {"llmkit": [], "hf": []}
     for rep in range(opts.reps):            # alternate sides (ABBA) so machine noise hits both
         order = ("llmkit", "hf") if rep % 2 == 0 else ("hf", "llmkit")
         for side in order:
             rows[side].append(run_subprocess(["--worker", "speed", "--side", side, "--steps", str(opts.steps),
                                               "--batch", str(opts.batch), "--length", str(opts.length),
-                                              "--threads", str(opts.threads)]))
+                                              "--threads", str(opts.threads), "--dtype", dtype]))
     med = {s: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_rss_mb", "saved_mb")}
            for s, rs in rows.items()}
     trainable = {s: rs[0]["trainable"] for s, rs in rows.items()}
-    lines = [f"LoRA training step, MiniLM + 2-label head, batch {opts.batch} x {opts.length} tokens, r=8, q/v, "
+    weights = ("float32 weights" if dtype == "fp32" else
+               "bf16 base weights on both sides, float32 LoRA weights on both (peft's autocast_adapter_dtype, "
+               "llmkit's upcast_adapters)")
+    lines = [f"LoRA training step, {weights}: MiniLM + 2-label head, batch {opts.batch} x {opts.length} tokens, r=8, q/v, "
              f"{opts.threads} threads, median of {opts.reps} process(es) x {opts.steps} steps",
              "", "| | llmkit | HF transformers + peft | ratio (HF / llmkit) |", "|---|---|---|---|"]
     for key, label in (("step_s", "step time (s)"), ("peak_rss_mb", "peak RSS (MB)"),
@@ -272,11 +281,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--dtypes", default="fp32,bf16", help="speed part: fp32 and/or bf16 base weights")
+    ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--worker"), ap.add_argument("--side"), ap.add_argument("--method")
     opts = ap.parse_args()
     if opts.worker == "speed":
-        print(json.dumps(speed_worker(opts.side, opts.steps, 2, opts.batch, opts.length, opts.threads)))
+        print(json.dumps(speed_worker(opts.side, opts.steps, 2, opts.batch, opts.length, opts.threads, opts.dtype)))
         return
     if opts.worker == "sst2":
         print(json.dumps(sst2_worker(opts.method, opts.quick)))

@@ -308,3 +308,25 @@ def test_loading_onto_a_model_of_other_shapes_fails_clearly(fmt, tmp_path):
     with pytest.raises(CheckpointError, match=r"expected shape .*found .*different layer sizes"):
         peft.load(other, tmp_path)
     assert not any(isinstance(m, AdaptedLayer) for m in other.modules())       # nothing half-attached
+
+
+@pytest.mark.parametrize("method", ["lora", "dylora", "adalora", "lora_fa"])
+def test_half_precision_base_keeps_float32_adapters(method):
+    """On a bf16 base the adapter weights stay float32 (upcast_adapters, HF peft's default): the
+    output is bf16, identical to the base at init, and the gradients land in float32 weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    base_out = model(x)
+    handle = peft.apply(model, method, r=4, targets=["0", "2"])
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, base_out)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    model(x).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    kept = peft.apply(nn.Sequential(nn.Linear(16, 8)).to(torch.bfloat16), method, r=4, targets=["0"],
+                      upcast_adapters=False)
+    assert all(p.dtype == torch.bfloat16 for p in kept.model.parameters() if p.requires_grad)
+    handle.merge()
+    assert handle.model[0].base_layer.weight.dtype == torch.bfloat16

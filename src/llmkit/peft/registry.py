@@ -30,6 +30,9 @@ class AdapterConfig:
     modules_to_save: module names (suffixes) that train in full beside the adapters, e.g. a new
         classification head ["classifier"]; each gets a trainable per-adapter copy (as in HF peft).
     train_head: shorthand for modules_to_save=<the model's task head>.
+    upcast_adapters: on a bf16/fp16 base, keep the adapter weights in float32 (as HF peft's
+        autocast_adapter_dtype does): optimizer updates of ~1e-4 x |w| would round away in 8 or 11
+        mantissa bits. Inputs are cast up for the adapter and its update cast back to the base dtype.
     """
     r: int = 8
     alpha: Optional[float] = None          # None -> alpha = r (scale 1)
@@ -38,6 +41,7 @@ class AdapterConfig:
     layers: Optional[list[int]] = None
     modules_to_save: Optional[list[str]] = None
     train_head: bool = False
+    upcast_adapters: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
