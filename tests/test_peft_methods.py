@@ -187,3 +187,32 @@ def test_lora_fa_keeps_only_the_rank_r_activation():
     # LoRA keeps x (N x in) for dA; LoRA-FA keeps z = A x (N x r) plus the parameters it holds anyway
     n = x.numel() // x.shape[-1]
     assert results["lora"] - results["lora_fa"] >= (n * 256 - n * 4) * 4 - 4 * 256 * 4 * 2
+
+
+def test_adalora_resume_prunes_exactly_like_an_uninterrupted_run(tmp_path):
+    """The importance averages live in the model's state dict, so a run stopped at step 5 and
+    resumed from its checkpoint ends with the same masks and weights as a straight 12-step run;
+    adapter files still leave them out."""
+    from dist_worker import StopAt, TokenBatches
+
+    def run(out, stop_at=None, resume=False):
+        torch.manual_seed(0)
+        model = llmkit.build_model(llmkit.get_preset("llama-tiny"))
+        h = peft.apply(model, "adalora", r=4, target_r=2, t_init=2, t_final=3, delta_t=1, total_steps=12,
+                       targets=["q_proj", "v_proj"])
+        Trainer(model, clm_loss, TokenBatches(batch_size=2, seq_len=12), config=train_config(out, 12, resume=resume),
+                callbacks=[StopAt(stop_at)] if stop_at else []).fit()     # a seekable loader: resumable
+        return h
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", stop_at=5)
+    resumed = run(tmp_path / "b", resume=True)
+    for (_, _, a), (_, _, b) in zip(straight.adapter_modules(), resumed.adapter_modules()):
+        assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.ibar_E, b.ibar_E)
+        assert torch.equal(a.lora_E, b.lora_E) and torch.equal(a.lora_A, b.lora_A)
+    straight.save(tmp_path / "adapter")
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and not any(".ibar_" in k or ".ubar_" in k for k in saved)
+    fresh = llmkit.build_model(llmkit.get_preset("llama-tiny"))
+    peft.load_adapter(fresh, tmp_path / "adapter")       # loads without the training-only buffers

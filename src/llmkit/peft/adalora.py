@@ -58,6 +58,8 @@ class AdaLoraConfig(AdapterConfig):
 
 
 class AdaLoraAdapter(nn.Module):
+    training_state = ("ibar_A", "ibar_E", "ibar_B", "ubar_A", "ubar_E", "ubar_B")
+
     def __init__(self, in_features: int, out_features: int, config: AdaLoraConfig, *, device=None, dtype=None):
         super().__init__()
         r = config.r
@@ -66,9 +68,11 @@ class AdaLoraAdapter(nn.Module):
         self.lora_E = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))                       # Λ
         self.lora_B = nn.Parameter(torch.randn(out_features, r, device=device, dtype=dtype) * 0.02)  # P
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device))
-        for p in ("A", "E", "B"):   # importance state: not saved (it only steers pruning)
-            self.register_buffer(f"ibar_{p}", torch.zeros_like(getattr(self, f"lora_{p}")), persistent=False)
-            self.register_buffer(f"ubar_{p}", torch.zeros_like(getattr(self, f"lora_{p}")), persistent=False)
+        # Importance state: in the model's state dict, so Trainer checkpoints carry it and a resumed
+        # run prunes exactly as an uninterrupted one; left out of adapter files (`training_state`).
+        for p in ("A", "E", "B"):
+            self.register_buffer(f"ibar_{p}", torch.zeros_like(getattr(self, f"lora_{p}")))
+            self.register_buffer(f"ubar_{p}", torch.zeros_like(getattr(self, f"lora_{p}")))
         self.dropout = Dropout(config.dropout) if config.dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
