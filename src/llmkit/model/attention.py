@@ -6,6 +6,10 @@ GQA (Ainslie et al., 2023) shares each key/value head between n_heads / n_kv_hea
 MQA is the case n_kv_heads = 1. The same module serves self-attention (causal or bidirectional)
 and cross-attention (queries from the decoder, keys/values from the encoder).
 
+Training on CPU with attention dropout takes `attention_with_dropout` (the same math, with
+dropout.py's cheap keep mask) because SDPA has no fused CPU kernel with dropout; everything else
+goes through SDPA.
+
 Extension point for PEFT: `kv_prefix` (None by default) is a module called as
 `kv_prefix(batch_size) -> (k, v)`, each (B, n_kv_heads, P, head_dim). The P prefix positions are
 prepended to the keys and values of every forward pass and are always visible (prefix tuning,
