@@ -330,3 +330,6 @@ def test_half_precision_base_keeps_float32_adapters(method):
     assert all(p.dtype == torch.bfloat16 for p in kept.model.parameters() if p.requires_grad)
     handle.merge()
     assert handle.model[0].base_layer.weight.dtype == torch.bfloat16
+    handle.unmerge()
+    # The input cast follows the adapter's own dtype: a later model.to(bf16) still runs.
+    assert model.to(torch.bfloat16)(x).dtype == torch.bfloat16

@@ -107,8 +107,7 @@ def attention_with_dropout(q, k, v, mask, is_causal: bool, p: float) -> torch.Te
     Tk = k.shape[2]
     q3, k3, v3 = q.reshape(B * nh, T, hd), k.reshape(B * nh, Tk, hd), v.reshape(B * nh, Tk, hd)
     if mask is None and is_causal:   # SDPA's convention: query i sees keys 0..i
-        hidden = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu_(1)
-        mask = torch.zeros(T, Tk, dtype=q.dtype, device=q.device).masked_fill_(hidden, torch.finfo(q.dtype).min)
+        mask = torch.full((T, Tk), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device).triu_(1)
     if mask is None:
         scores = torch.baddbmm(q3.new_empty(1, 1, 1), q3, k3.transpose(1, 2), beta=0.0, alpha=hd ** -0.5)
     else:            # the mask rides on the matmul as its additive input (broadcast over queries)

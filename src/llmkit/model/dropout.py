@@ -16,6 +16,8 @@ runs repeatable and checkpoints that store the RNG state resume exactly.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +37,7 @@ def fast_path(x: torch.Tensor, p: float) -> bool:
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """A bool keep-mask of `shape` with P(keep) = 1 - p' and the matching scale 1 / (1 - p')."""
     threshold = _quantized_threshold(p)
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     # The full signed range: a bare random_() on int64 never sets the top bit, which would make
     # every fourth lane non-uniform.
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), (1 << 63) - 1)

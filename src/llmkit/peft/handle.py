@@ -94,8 +94,7 @@ class PeftHandle:
             set_submodule(self.model, target, module)
         adapter = spec.make_adapter(module.base_layer, config)
         if config.upcast_adapters and module.base_layer.weight.dtype in (torch.bfloat16, torch.float16):
-            adapter.float()
-            module.upcast.add(name)
+            adapter.float()                  # AdaptedLayer casts inputs to the adapter's dtype
         module.adapters[name] = adapter
 
     def _install_callbacks(self, spec: Method) -> None:
@@ -163,7 +162,6 @@ class PeftHandle:
         for module_name, layer in list(self.layers()):
             if name in layer.adapters:
                 del layer.adapters[name]
-                layer.upcast.discard(name)
             if not len(layer.adapters):              # the last adapter gone: the plain layer back
                 set_submodule(self.model, module_name, layer.base_layer)
         for module_name, module in list(self.saved_modules()):
@@ -206,8 +204,6 @@ class PeftHandle:
                 adapter.lora_A.copy_(A)
                 adapter.lora_B.copy_(B)
                 layer.adapters[name] = adapter
-                if adapter.lora_A.dtype != layer.base_layer.weight.dtype:
-                    layer.upcast.add(name)          # built from float32 factors over a half base
                 targets.append(module_name)
                 ranks[module_name] = r
         if not targets:

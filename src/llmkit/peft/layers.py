@@ -27,7 +27,6 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.tied_elsewhere = False      # base weight shared with another module (a tied head)
-        self.upcast: set[str] = set()    # adapters kept in float32 over a half-precision base
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `.weight` of a Linear keeps working
@@ -45,9 +44,9 @@ class AdaptedLayer(nn.Module):
             if name in self.merged:
                 continue
             adapter = self.adapters[name]
-            if name in self.upcast:
-                adapter_in = x.float() if x.is_floating_point() else x
-                out = out + adapter(adapter_in).to(out.dtype)
+            dtype = next(adapter.parameters()).dtype
+            if x.is_floating_point() and x.dtype != dtype:   # float32 adapter over a half base
+                out = out + adapter(x.to(dtype)).to(out.dtype)
                 continue
             add_to = getattr(adapter, "add_to", None)
             if add_to is not None and out.dtype == x.dtype:   # fused add (LoRA: one addmm)

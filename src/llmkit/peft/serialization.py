@@ -22,7 +22,6 @@ from ..io.errors import CheckpointError
 from ..io.safetensors_files import atomic_save_tensors, atomic_write_text, read_json
 from . import peft_format
 from .errors import PeftError
-from .layers import AdaptedLayer
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 FORMATS = ("llmkit", "peft")
@@ -49,7 +48,7 @@ def save_adapter(handle, directory: Union[str, Path], *, format: str = "llmkit",
     for name in names:
         info = handle.adapters[name]
         marks = [f".adapters.{name}.", f".copies.{name}."]
-        skip = training_state_keys(handle.model, name)
+        skip = training_state_keys(handle, name)
         for key, tensor in state.items():
             if any(m in key for m in marks) and key not in skip:
                 tensors[key] = tensor.detach().contiguous().cpu()
@@ -94,7 +93,7 @@ def _load_llmkit(model, directory, meta, tensors, only: Optional[str]):
                        modules_to_save=list(entry.get("modules_to_save") or []) or None)
         handle.add_adapter(name, entry["method"], rank_pattern=entry.get("rank_pattern") or {}, **options)
         try:
-            _copy_tensors(handle.model, directory, name, tensors)
+            _copy_tensors(handle, directory, name, tensors)
         except Exception:
             handle.delete_adapter(name)
             raise
@@ -104,23 +103,20 @@ def _load_llmkit(model, directory, meta, tensors, only: Optional[str]):
     return handle
 
 
-def training_state_keys(model: nn.Module, name: str) -> set[str]:
+def training_state_keys(handle, name: str) -> set[str]:
     """State-dict keys of adapter `name`'s training-only buffers (an adapter class lists them in
     `training_state`, e.g. AdaLoRA's importance averages): checkpointed with the model, never
     written to adapter files."""
-    keys = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, AdaptedLayer) and name in module.adapters:
-            for buffer in getattr(module.adapters[name], "training_state", ()):
-                keys.add(f"{module_name}.adapters.{name}.{buffer}")
-    return keys
+    return {f"{module_name}.adapters.{name}.{buffer}"
+            for module_name, _, adapter in handle.adapter_modules(name)
+            for buffer in getattr(adapter, "training_state", ())}
 
 
-def _copy_tensors(model: nn.Module, directory: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_tensors(handle, directory: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
     marks = [f".adapters.{name}.", f".copies.{name}."]
-    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if any(m in k for m in marks)}
+    state = {k: v for k, v in handle.model.state_dict(keep_vars=True).items() if any(m in k for m in marks)}
     theirs = {k: v for k, v in tensors.items() if any(m in k for m in marks)}
-    missing = sorted(set(state) - set(theirs) - training_state_keys(model, name))
+    missing = sorted(set(state) - set(theirs) - training_state_keys(handle, name))
     if missing:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: adapter {name!r} lacks tensors {missing[:4]} "
                               "that the model's adapter layers expect")
