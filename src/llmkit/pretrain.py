@@ -211,6 +211,8 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
     seconds = time.time() - start
     summary = {"status": result.status, "step": result.step, "train_loss": result.train_loss,
                "val_loss": result.val_loss, "seconds": round(seconds, 1)}
+    if recipe.train.compile:
+        summary["compile_seconds"] = round(result.compile_seconds, 1)   # inside "seconds"
     if setup.rank == 0:
         model = setup.model
         if recipe.train.distributed == "fsdp":  # the trained module is sharded: export the full

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_accum_steps: int = 1         # micro-batches per optimizer step
     max_grad_norm: Optional[float] = 1.0  # clip the global L2 norm; None = no clipping
     precision: str = "fp32"           # bf16 = autocast (CPU or CUDA); fp16 = autocast + GradScaler (CUDA)
+    compile: bool = False             # forward + backward under torch.compile (compile.py); time reported apart
     # ---- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 0               # steps between evaluations; 0 = only at the end
     eval_batches: int = 20            # batches averaged per evaluation
@@ -110,7 +111,7 @@ class TrainConfig:
             fail("keep_last", "a positive integer, or None to keep every checkpoint")
         if not (isinstance(self.resume, bool) or (isinstance(self.resume, (str, Path)) and str(self.resume))):
             fail("resume", "False, True, 'auto', or the path of a checkpoint directory")
-        for name in ("tensorboard", "progress", "plot"):
+        for name in ("tensorboard", "progress", "plot", "compile"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
 

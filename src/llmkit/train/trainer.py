@@ -38,6 +38,7 @@ from torch import nn
 from ..io.errors import CheckpointError
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .compile import CompileClock, compile_module
 from .config import TrainConfig
 from .logging import ProgressBar, RunLogger, plot_losses
 from .optim import build_optimizer, build_scheduler
@@ -57,6 +58,7 @@ class TrainResult:
     status: str                        # "completed" | "interrupted" (Ctrl-C) | "stopped" (request_stop)
     checkpoint: Optional[Path] = None  # the last checkpoint written or resumed from
     metrics: dict = field(default_factory=dict)
+    compile_seconds: float = 0.0       # time spent in torch.compile (train.compile), apart from the steps
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +96,9 @@ class Trainer:
         dist_utils.check_precision(config.precision, self.device)
         self.model = model.to(self.device)
         self.wrapped_model = dist_utils.wrap_model(self.model, self.dist)
+        if config.compile:               # the loss_fn gets the compiled wrapper; saves use the bare module
+            self.wrapped_model = compile_module(self.wrapped_model)
+        self.compile_clock = CompileClock()
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -121,6 +126,8 @@ class Trainer:
         logger = RunLogger(self.out_dir, tensorboard=cfg.tensorboard, enabled=self.is_main)
         bar = ProgressBar(cfg.max_steps, initial=self.step, enabled=self.is_main and cfg.progress)
         previous_handler = self._install_sigint()
+        if cfg.compile:
+            self.compile_clock.start()
         status, val_loss, evaluated_at = "completed", None, None
         last: dict[str, float] = {}
         window: list[dict[str, float]] = []
@@ -156,13 +163,15 @@ class Trainer:
             dist_utils.teardown(self.dist)   # every rank saw the same reduced loss: safe to sync
             raise
         finally:
+            self.compile_clock.stop()
             self._restore_sigint(previous_handler)
             bar.close()
             logger.close()
         if cfg.plot and self.is_main and logger.jsonl_path.is_file() and logger.jsonl_path.stat().st_size:
             plot_losses(logger.jsonl_path, self.out_dir / "loss.png")
         dist_utils.teardown(self.dist)
-        return TrainResult(self.step, last.get("loss"), val_loss, status, self.last_checkpoint, last)
+        return TrainResult(self.step, last.get("loss"), val_loss, status, self.last_checkpoint, last,
+                           compile_seconds=self.compile_clock.seconds)
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict[str, float]:
