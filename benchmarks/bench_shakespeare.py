@@ -33,7 +33,7 @@ Per run:
 Contention: a run during which other processes used more than --max-other cores is redone.
 
 Run:  .venv/bin/python benchmarks/bench_shakespeare.py --write        (3 seeds: ~25 min on 2 idle cores)
-      .venv/bin/python benchmarks/bench_shakespeare.py --quick        (100 steps, 1 seed: a smoke run)
+      .venv/bin/python benchmarks/bench_shakespeare.py --quick        (250 steps, 1 seed: a smoke run)
       .venv/bin/python benchmarks/bench_shakespeare.py --variants nanogpt,llmkit-fp32 --seeds 0,1
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def common_val_loss(logits_fn, encode) -> float:
             ids = torch.tensor([encode(text[s:s + BLOCK + 1]) for s in starts])          # (B, T + 1)
             if ids.shape != (BATCH, BLOCK + 1):
                 raise RuntimeError(f"encode() must give one id per character, got shape {tuple(ids.shape)}")
-            logits = logits_fn(ids[:, :-1]).float()                                       # (B, T, V)
+            logits = logits_fn(ids[:, :-1].contiguous()).float()                          # (B, T, V)
             losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).item())
     return statistics.fmean(losses)
 
@@ -230,6 +230,7 @@ def nanogpt_common(root: Path, out: Path) -> dict:
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     model.eval()
     stoi = pickle.loads((root / "data" / "shakespeare_char" / "meta.pkl").read_bytes())["stoi"]
+    # nanoGPT returns logits for every position only when given targets (any of the right shape)
     common = common_val_loss(lambda ids: model(ids, ids)[0], lambda s: [stoi[c] for c in s])
     args = ckpt["model_args"]
     return dict(val_common=common, n_params=model.get_num_params(), n_layers=args["n_layer"],
@@ -348,7 +349,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="iterations per run (default 2000)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--quick", action="store_true", help="100 steps, seed 0, no redoing: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="250 steps (nanoGPT evaluates and saves every 250), seed 0, no redoing: a smoke run")
     parser.add_argument("--write", action="store_true", help=f"write the tables to {RESULTS}")
     parser.add_argument("--max-other", type=float, default=0.3, help="cores other processes may use during a run")
     parser.add_argument("--retries", type=int, default=2, help="redo a contended run this many times")
@@ -360,7 +361,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     args.argv = sys.argv[1:]
-    args.steps = args.steps or (100 if args.quick else 2000)
+    args.steps = args.steps or (250 if args.quick else 2000)
+    if args.steps % 250:
+        parser.error(f"--steps={args.steps}: expected a multiple of 250 (nanoGPT's eval_interval: it saves "
+                     "its weights only when it evaluates)")
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     args.variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in args.variants if v not in VARIANTS]
