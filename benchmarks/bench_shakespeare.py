@@ -75,8 +75,10 @@ VARIANTS = {   # name -> (program, precision, compile)
     "llmkit-fp32": ("llmkit", "fp32", False),
     "llmkit-bf16": ("llmkit", "bf16", False),
     "llmkit-fp32-compile": ("llmkit", "fp32", True),
-    "llmkit-bf16-compile": ("llmkit", "bf16", True),
+    "llmkit-bf16-compile": ("llmkit", "bf16", True),   # not in the default run: slower than fp32-compile here
 }
+# bf16 + compile is left out of the default run: in the 250-step smoke run it took 46.2 ms/iter against
+# fp32 + compile's 36.5 (and 20.6 s to compile); pass --variants to include it.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -348,7 +350,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help="iterations per run (default 2000)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "llmkit-bf16-compile"), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--quick", action="store_true", help="250 steps (nanoGPT evaluates and saves every 250), seed 0, no redoing: a smoke run")
     parser.add_argument("--write", action="store_true", help=f"write the tables to {RESULTS}")
     parser.add_argument("--max-other", type=float, default=0.3, help="cores other processes may use during a run")
