@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from machine_info import cpu_model
+from machine_info import cpu_model, matmul_peak, mfu, train_flops_per_token
 
 import llmkit
 from llmkit.generation import generate as llmkit_generate
@@ -123,16 +123,21 @@ def bench_config(name: str, size: dict, kv_heads: int, reps: int) -> list[tuple]
         diff = (logits_of(ours, ids) - logits_of(hf, ids)).abs().max().item()
     print(f"[{name}] max |logits_llmkit - logits_hf| = {diff:.2e}")
     assert diff <= 1e-4, f"{name}: logits differ by {diff:.2e} > 1e-4; timings would be meaningless"
-    rows.append((f"{name}: max abs logits diff", f"{diff:.1e}", "", ""))
+    rows.append((f"{name}: max abs logits diff", f"{diff:.1e}", "", "", ""))
 
     ours.train(), hf.train()
     tokens = size["batch"] * size["seq"]
+    # N: parameters that multiply (the untied lm_head counts, the embedding lookup does not)
+    n_matmul = sum(p.numel() for p in hf.parameters()) - hf.model.embed_tokens.weight.numel()
+    per_token = train_flops_per_token(n_matmul, size["layers"], size["hidden"], size["seq"])
     dtypes = [False] + ([True] if bf16_supported(ours, hf, ids) else [])
     for bf16 in dtypes:
         t_ours, t_hf = interleaved(lambda: train_step(ours, ids, bf16), lambda: train_step(hf, ids, bf16), reps)
         label = f"{name}: train step B{size['batch']}xT{size['seq']} {'bf16 autocast' if bf16 else 'fp32'} (ms)"
         print(f"  {label}: llmkit {t_ours * 1e3:.1f}  hf {t_hf * 1e3:.1f}  ({tokens} tokens)")
-        rows.append((label, f"{t_ours * 1e3:.1f}", f"{t_hf * 1e3:.1f}", f"{t_hf / t_ours:.2f}"))
+        peak = matmul_peak("bf16" if bf16 else "fp32", threads=THREADS)
+        util = " / ".join(f"{mfu(per_token, tokens / t, peak):.1%}" for t in (t_ours, t_hf))
+        rows.append((label, f"{t_ours * 1e3:.1f}", f"{t_hf * 1e3:.1f}", f"{t_hf / t_ours:.2f}", util))
     ours.eval(), hf.eval()
 
     n = size["new"]
@@ -147,7 +152,7 @@ def bench_config(name: str, size: dict, kv_heads: int, reps: int) -> list[tuple]
         tps_ours, tps_hf = batch * n / t_ours, batch * n / t_hf
         label = f"{name}: generate B{batch} prompt {size['prompt']} + {n} new (tokens/s)"
         print(f"  {label}: llmkit {tps_ours:.0f}  hf {tps_hf:.0f}")
-        rows.append((label, f"{tps_ours:.0f}", f"{tps_hf:.0f}", f"{tps_ours / tps_hf:.2f}"))
+        rows.append((label, f"{tps_ours:.0f}", f"{tps_hf:.0f}", f"{tps_ours / tps_hf:.2f}", ""))
     return rows
 
 
@@ -163,10 +168,14 @@ def table(rows: list[tuple], size: dict, reps: int, quick: bool) -> str:
         f"- machine: {machine}",
         f"- method: median of {reps} interleaved repetitions (ABBA) after warmup; "
         "ratio > 1 means llmkit is faster (hf_time / llmkit_time, llmkit_tps / hf_tps)",
+        f"- MFU (train steps, llmkit / transformers): (6 N + 12 L d T) x tokens/s over this machine's "
+        f"measured matmul peak in the step's dtype (machine_info.py): fp32 "
+        f"{matmul_peak('fp32', threads=THREADS) / 1e9:.0f}, bf16 {matmul_peak('bf16', threads=THREADS) / 1e9:.0f} "
+        f"GFLOP/s; N = the parameters that multiply (all but the embedding table)",
         f"- command: `.venv/bin/python benchmarks/bench_core.py {' '.join(sys.argv[1:])}`", "",
-        "| metric | llmkit | transformers | ratio |", "|---|---:|---:|---:|",
+        "| metric | llmkit | transformers | ratio | MFU |", "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {m} | {a} | {b} | {r} |" for m, a, b, r in rows]
+    lines += [f"| {m} | {a} | {b} | {r} | {u} |" for m, a, b, r, u in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +189,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     size = QUICK if args.quick else FULL
     reps = args.reps or (3 if args.quick else 10)
+    peaks = [matmul_peak(d, threads=THREADS) for d in ("fp32", "bf16")]   # before any timing; cached
+    print(f"matmul peak: fp32 {peaks[0] / 1e9:.0f}, bf16 {peaks[1] / 1e9:.0f} GFLOP/s")
 
     rows = bench_config("MHA", size, size["heads"], reps)
     if not args.no_gqa:

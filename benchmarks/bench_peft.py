@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine_info import matmul_peak, mfu
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +128,16 @@ def speed_worker(side: str, steps: int, warmup: int, batch: int, length: int, th
         step()
         times.append(time.perf_counter() - t)
     act = saved_bytes(lambda: F.cross_entropy(forward(), labels), model)
-    return {"side": side, "dtype": dtype, "step_s": statistics.median(times), "trainable": sum(p.numel() for p in params),
+    # model FLOPs per token: a frozen matmul weight costs 2 (forward) + 2 (gradient of its input),
+    # a trained one 2 more for its own gradient; attention adds 12 L d T (QK^T and AV, fwd + bwd)
+    frozen = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    trainable = sum(p.numel() for p in params)
+    cfg = model.config
+    flops = 4 * frozen + 6 * trainable + 12 * cfg.num_hidden_layers * cfg.hidden_size * length \
+        if side == "hf" else 4 * frozen + 6 * trainable + 12 * cfg.n_layers * cfg.d_model * length
+    return {"side": side, "dtype": dtype, "step_s": statistics.median(times), "trainable": trainable,
+            "flops_per_token": flops,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "saved_mb": act / 2**20}
 
 
@@ -138,6 +149,8 @@ def run_subprocess(args: list[str]) -> dict:
 
 
 def part_speed(opts) -> str:
+    for dtype in opts.dtypes.split(","):        # measured before any step is timed (and cached)
+        matmul_peak(dtype, threads=opts.threads)
     return "\n\n".join(speed_table(opts, dtype) for dtype in opts.dtypes.split(","))
 
 
@@ -163,6 +176,14 @@ def speed_table(opts, dtype: str) -> str:
         a, b = med["llmkit"][key], med["hf"][key]
         lines.append(f"| {label} | {a:.4f} | {b:.4f} | {b / a:.2f}x |")
     lines.append(f"| trainable params | {trainable['llmkit']:,} | {trainable['hf']:,} | |")
+    # one FLOP count for both sides (the same network), so the MFU ratio is the step-time ratio
+    per_token, peak = rows["llmkit"][0]["flops_per_token"], matmul_peak(dtype, threads=opts.threads)
+    util = {s: mfu(per_token, opts.batch * opts.length / med[s]["step_s"], peak) for s in med}
+    lines.append(f"| MFU | {util['llmkit']:.1%} | {util['hf']:.1%} | |")
+    lines += ["", f"MFU: (4 N_frozen + 6 N_trained + 12 L d T) = {per_token / 1e6:.1f} MFLOP per token x tokens/s, "
+              f"over this machine's {dtype} matmul peak, {peak / 1e9:.0f} GFLOP/s ({opts.threads} threads, "
+              "machine_info.py); N_frozen = the frozen nn.Linear weights (no weight gradient), "
+              "N_trained = the LoRA factors and the head"]
     return "\n".join(lines)
 
 
