@@ -222,7 +222,8 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
         save_model(model, setup.tokenizer, setup.out_dir / "model")
         if setup.objective.task == "causal_lm":
             summary["samples"] = write_samples(model, setup.tokenizer, recipe, setup.out_dir)
-        print(f"done: step {result.step}, val loss {result.val_loss}, {seconds:.0f} s; "
+        compiled = f" (of which compiling {result.compile_seconds:.1f} s)" if recipe.train.compile else ""
+        print(f"done: step {result.step}, val loss {result.val_loss}, {seconds:.0f} s{compiled}; "
               f"model in {setup.out_dir / 'model'}")
     return summary
 
