@@ -162,6 +162,27 @@ def run_trl(work: Path, args) -> dict:
     return {"step_s": statistics.mean(times[args.warmup:]), "peak_mib": peak}
 
 
+def model_flops_per_step(work: Path, args) -> float:
+    """Model FLOPs of one DPO step on the real (unpadded) tokens, the same count for both sides:
+    per pair, prompt + chosen and prompt + rejected each run the policy forward and backward
+    (6 N + 12 L d T per token) and the frozen reference forward (2 N + 4 L d T per token), with
+    N the parameters that multiply (all but the embedding table) and T that sequence's length."""
+    import llmkit
+    from llmkit.align import tokenize_rows
+    tokenizer = llmkit.load_tokenizer(work / "model")
+    rows = json.loads((work / "rows.json").read_text())
+    examples = tokenize_rows(rows, tokenizer, max_length=args.max_length, max_prompt_length=args.max_length - 1)
+    L, d, V, f = MODEL["num_hidden_layers"], MODEL["hidden_size"], MODEL["vocab_size"], MODEL["intermediate_size"]
+    kv = d * MODEL["num_key_value_heads"] // MODEL["num_attention_heads"]
+    n = L * (2 * d * d + 2 * d * kv + 3 * d * f) + d * V             # q, o, k, v, gated MLP; untied lm_head
+    per_pair = []
+    for ex in examples:
+        for answer in (ex["chosen_ids"], ex["rejected_ids"]):
+            T = len(ex["prompt_ids"]) + len(answer)
+            per_pair.append(T * (8 * n + 16 * L * d * T))
+    return statistics.fmean(per_pair) * 2 * args.batch               # two sequences per pair
+
+
 def child(side: str, work: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
@@ -196,7 +217,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, args)
+        from machine_info import matmul_peak
+        peak = matmul_peak("fp32", threads=args.threads)
         results = {side: child(side, work, args) for side in ("llmkit", "trl", "trl", "llmkit")[:2]}
+        peak = max(peak, matmul_peak.__wrapped__("fp32", threads=args.threads))  # again after: the best
+        flops = model_flops_per_step(work, args)
     import torch
     import transformers
     import trl
@@ -212,9 +237,14 @@ def main() -> None:
              f"- machine: {device}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
              f"{datetime.date.today()}",
              f"- method: mean step time over {args.steps} steps after {args.warmup} warmup; peak memory added by training",
+             f"- MFU: {flops / 1e9:.1f} GFLOP of model work per step (policy forward + backward 6 N + 12 L d T, "
+             "reference forward 2 N + 4 L d T, per real token, the mean over the pairs; the same count for both "
+             f"sides) per step time, over this machine's measured fp32 matmul peak, {peak / 1e9:.0f} GFLOP/s "
+             "(machine_info.py)",
              f"- command: `.venv/bin/python benchmarks/bench_dpo.py{' --quick' if args.quick else ''}`", "",
              "| metric | llmkit | TRL DPOTrainer | ratio (TRL / llmkit) |", "|---|---:|---:|---:|",
              f"| step time (ms) | {results['llmkit']['step_s'] * 1e3:.1f} | {results['trl']['step_s'] * 1e3:.1f} | {speed:.2f} |",
+             f"| MFU | {flops / results['llmkit']['step_s'] / peak:.1%} | {flops / results['trl']['step_s'] / peak:.1%} | |",
              f"| peak memory added (MiB) | {results['llmkit']['peak_mib']:.0f} | {results['trl']['peak_mib']:.0f} | {memory:.2f} |"]
     text = "\n".join(lines) + "\n"
     print(text)
