@@ -1,4 +1,4 @@
-"""train.compile: the step under torch.compile gives the eager step's losses, and reports its compile time."""
+"""train.compile and train.fused_optimizer: each gives the plain step's losses; compile reports its compile time."""
 from __future__ import annotations
 
 import functools
@@ -50,3 +50,24 @@ def test_a_compiled_step_gives_the_eager_losses_and_reports_compile_time(tmp_pat
     assert compiled.val_loss == pytest.approx(eager.val_loss, abs=1e-4)
     # the checkpoint holds the bare module's names, loadable without torch.compile
     assert compiled.checkpoint is not None and (compiled.checkpoint / "model.safetensors").is_file()
+
+
+def test_fused_optimizer_gives_the_for_loop_losses(tmp_path):
+    """train.fused_optimizer: torch's fused AdamW is the same update as the for-loop one (rounding apart)."""
+    def run(name, fused):
+        recorder = LossRecorder()
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_model(), clm_loss, TokenBatches(4), config=quiet_config(
+            tmp_path / name, max_steps=5, fused_optimizer=fused), callbacks=[recorder])
+        trainer.fit()
+        return trainer, recorder.losses
+    plain, plain_losses = run("plain", False)
+    fused, fused_losses = run("fused", True)
+    assert fused.optimizer.defaults["fused"] is True and not plain.optimizer.defaults.get("fused")
+    assert fused_losses == pytest.approx(plain_losses, abs=1e-5), (fused_losses, plain_losses)
+    assert fused_losses[-1] < fused_losses[0]
+
+
+def test_fused_optimizer_must_be_a_bool(tmp_path):
+    with pytest.raises(ConfigError, match=r"TrainConfig.fused_optimizer=1: expected true or false"):
+        TrainConfig(out_dir=tmp_path, fused_optimizer=1)

@@ -42,6 +42,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0  # clip the global L2 norm; None = no clipping
     precision: str = "fp32"           # bf16 = autocast (CPU or CUDA); fp16 = autocast + GradScaler (CUDA)
     compile: bool = False             # forward + backward under torch.compile (compile.py); time reported apart
+    fused_optimizer: bool = False     # Adam/AdamW through torch's fused kernel (optim.py); off = torch's default
     # ---- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 0               # steps between evaluations; 0 = only at the end
     eval_batches: int = 20            # batches averaged per evaluation
@@ -111,7 +112,7 @@ class TrainConfig:
             fail("keep_last", "a positive integer, or None to keep every checkpoint")
         if not (isinstance(self.resume, bool) or (isinstance(self.resume, (str, Path)) and str(self.resume))):
             fail("resume", "False, True, 'auto', or the path of a checkpoint directory")
-        for name in ("tensorboard", "progress", "plot", "compile"):
+        for name in ("tensorboard", "progress", "plot", "compile", "fused_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
 
