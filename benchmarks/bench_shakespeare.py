@@ -226,7 +226,7 @@ def nanogpt_common(root: Path, out: Path) -> dict:
         from model import GPT, GPTConfig           # nanoGPT's model.py: benchmark use only
     finally:
         sys.path.remove(str(root))
-    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)   # tensors and plain config values
     with contextlib.redirect_stdout(io.StringIO()):
         model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
