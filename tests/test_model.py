@@ -211,12 +211,16 @@ def test_kv_cache_rejects_a_changed_batch_and_reorders():
     assert keys.shape == (1, 2, 5, 8) and torch.equal(keys[:, :, :3], k[1:])
 
 
-def test_logits_to_keep_returns_the_last_positions():
+def test_logits_to_keep_and_logits_index_pick_positions():
     model = causal_lm("llama-tiny")
     ids = torch.randint(0, 512, (2, 10))
+    chosen = torch.zeros(2, 10, dtype=torch.bool)
+    chosen[0, 2:5], chosen[1, 7] = True, True
     with torch.no_grad():
         full, last = model(ids).logits, model(ids, logits_to_keep=3).logits
+        picked = model(ids, logits_index=chosen).logits
     assert last.shape == (2, 3, 512) and (full[:, -3:] - last).abs().max() < 1e-6
+    assert picked.shape == (4, 512) and (full[chosen] - picked).abs().max() < 1e-6
 
 
 def test_packed_documents_do_not_attend_across_boundaries():

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 REDUCTIONS = ("sum", "mean")
 
@@ -60,18 +61,14 @@ def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: Optional[tor
                     loss_mask: torch.Tensor, reduce: str = "sum", *, return_counts: bool = False):
     """sequence_logps of `model` on a batch, with one forward.
 
-    For an llmkit CausalLM the LM head runs only on the hidden states that predict a completion
-    token (the (B, T, V) logits of prompt and padding positions are never built): same numbers as
-    `sequence_logps(model(...).logits, ...)`, a fraction of the head's time and memory. Any other
-    model (a DDP wrapper, a Hugging Face model) goes through its own forward and sequence_logps."""
-    transformer, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
-    if transformer is None or head is None or not hasattr(model, "tie_weights"):
-        logits = model(input_ids, attention_mask=attention_mask).logits            # (B, T, V)
-        return sequence_logps(logits, input_ids, loss_mask, reduce, return_counts=return_counts)
-    hidden = transformer(input_ids, attention_mask).last_hidden_state              # (B, T, d)
+    The model's LM head runs only on the positions that predict a completion token (its
+    `logits_index=` option, which a DDP or compile wrapper passes through): the (B, T, V) logits of
+    prompt and padding positions are never built. Same numbers as `sequence_logps(model(...).logits,
+    ...)`, a fraction of the head's time and memory."""
     scored = loss_mask[:, 1:].bool()                                               # (B, T-1)
     rows = scored.nonzero(as_tuple=True)[0]                                        # (N,)
-    logits = head(hidden[:, :-1][scored])                                          # (N, V)
+    predicting = F.pad(scored, (0, 1))                                             # (B, T): t predicts t+1
+    logits = model(input_ids, attention_mask=attention_mask, logits_index=predicting).logits   # (N, V)
     per_token = token_logps(logits, input_ids[:, 1:][scored])                      # (N,)
     totals, counts = reduce_per_sequence(per_token, rows, input_ids.shape[0], reduce)
     return (totals, counts) if return_counts else totals

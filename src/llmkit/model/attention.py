@@ -11,9 +11,9 @@ dropout.py's cheap keep mask) because SDPA has no fused CPU kernel with dropout;
 goes through SDPA.
 
 Extension point for PEFT: `kv_prefix` (None by default) is a module called as
-`kv_prefix(batch_size) -> (k, v)`, each (B, n_kv_heads, P, head_dim). The P prefix positions are
-prepended to the keys and values of every forward pass and are always visible (prefix tuning,
-P-tuning v2). They are never written into the KV cache and take no position.
+`kv_prefix(batch_size) -> (k, v)`, each (B, n_kv_heads, P, head_dim), or None for no prefix. The
+P prefix positions are prepended to the keys and values of every forward pass and are always
+visible (prefix tuning, P-tuning v2). They are never written into the KV cache and take no position.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from .positions import apply_rope
 
 
 class Attention(nn.Module):
+    adapter_slots = {"kv_prefix": "prefix"}
+
     def __init__(self, config: ModelConfig, *, cross: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
@@ -75,8 +77,9 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer, k, v)                                    # (B, nkv, Tk, hd)
 
-        if self.kv_prefix is not None:
-            pk, pv = self.kv_prefix(B)                                              # (B, nkv, P, hd)
+        prefix = self.kv_prefix(B) if self.kv_prefix is not None else None
+        if prefix is not None:
+            pk, pv = prefix                                                         # (B, nkv, P, hd)
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
             mask, is_causal = _mask_with_prefix(mask, is_causal, T, k.shape[2], pk.shape[2], q)
 

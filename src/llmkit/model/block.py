@@ -4,12 +4,13 @@ Pre-norm (GPT-2, Llama):   x = x + Attn(N1(x));  x = x + FFN(N2(x))
 Post-norm (BERT, BART):    x = N1(x + Attn(x));  x = N2(x + FFN(x))
 Parallel residual (GPT-J): x = x + Attn(N1(x)) + FFN(N2(x))
 
-Extension points for PEFT, all None by default, each an `nn.Module` set as an attribute:
+Extension points for PEFT (`adapter_slots`, combine rules in slots.py), None by default, each
+an `nn.Module` set as an attribute (PEFT puts an `AdapterSlot` there):
 - `post_attn_adapter(a) -> a'`: transforms the attention output before the residual add
   (serial adapters, Houlsby et al. 2019).
 - `post_mlp_adapter(m) -> m'`: the same after the feed-forward output (Pfeiffer adapters).
 - `parallel_attn(h) -> delta` / `parallel_mlp(h) -> delta`: a branch fed the sublayer's input
-  whose output is added to the sublayer's output (parallel adapters, He et al. 2022).
+  whose output (unless None) is added to the sublayer's output (parallel adapters, He et al. 2022).
 - `Attention.kv_prefix`: see attention.py.
 """
 from __future__ import annotations
@@ -27,6 +28,9 @@ from .norms import build_norm
 
 
 class Block(nn.Module):
+    adapter_slots = {"post_attn_adapter": "serial", "post_mlp_adapter": "serial",
+                     "parallel_attn": "parallel", "parallel_mlp": "parallel"}
+
     def __init__(self, config: ModelConfig, *, cross_attention: bool = False):
         super().__init__()
         self.pre_norm = config.norm_placement == "pre"
@@ -46,20 +50,10 @@ class Block(nn.Module):
         self.parallel_mlp: Optional[nn.Module] = None
 
     def _attend(self, h: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        out = self.self_attn(h, **attn_kwargs)
-        if self.parallel_attn is not None:
-            out = out + self.parallel_attn(h)
-        if self.post_attn_adapter is not None:
-            out = self.post_attn_adapter(out)
-        return out
+        return _adapt(self.self_attn(h, **attn_kwargs), h, self.parallel_attn, self.post_attn_adapter)
 
     def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(h)
-        if self.parallel_mlp is not None:
-            out = out + self.parallel_mlp(h)
-        if self.post_mlp_adapter is not None:
-            out = self.post_mlp_adapter(out)
-        return out
+        return _adapt(self.mlp(h), h, self.parallel_mlp, self.post_mlp_adapter)
 
     def _cross(self, x, memory, memory_mask, cache, layer):
         return self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
@@ -90,3 +84,10 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             x = self.cross_attn_norm(add(x, self._cross(x, memory, memory_mask, cache, layer)))
         return self.mlp_norm(add(x, self._feed_forward(x)))
+
+
+def _adapt(out: torch.Tensor, h: torch.Tensor, parallel: Optional[nn.Module], serial: Optional[nn.Module]):
+    """serial(out + parallel(h)) for a sublayer output `out` (B, T, d) of input `h`, absent slots skipped."""
+    delta = parallel(h) if parallel is not None else None
+    out = out if delta is None else out + delta
+    return serial(out) if serial is not None else out

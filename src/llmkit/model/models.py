@@ -27,9 +27,15 @@ from .transformer import EncoderDecoder, ModelOutput, Transformer, shift_tokens_
 
 
 class LlmkitModel(nn.Module):
-    """Shared behaviour: weight init, tying, parameter counts."""
+    """Shared behaviour: weight init, tying, parameter counts, and the layout PEFT reads:
+    `head_names` (the output head modules, the task head first) and `blocks()`."""
 
     config: ModelConfig
+    head_names: tuple[str, ...] = ()
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks in order; block i is what `layers=[i]` selects."""
+        return list(self.transformer.layers)
 
     def init_weights(self) -> None:
         """N(0, init_std) for linear and embedding weights, zero biases, unit norms; residual
@@ -65,6 +71,7 @@ class LlmkitModel(nn.Module):
 
 class CausalLM(LlmkitModel):
     """Decoder-only language model: P(x_t | x_<t) = softmax(lm_head(h_t))."""
+    head_names = ("lm_head",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -77,17 +84,25 @@ class CausalLM(LlmkitModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.embed_tokens.weight
 
-    def forward(self, input_ids=None, attention_mask=None, *, logits_to_keep: int = 0, **kwargs) -> ModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, *, logits_to_keep: int = 0, logits_index=None,
+                **kwargs) -> ModelOutput:
         """logits_to_keep=n > 0 computes logits for the last n positions only (decoding needs 1;
-        the (B, T, V) projection of a long prompt is otherwise the largest tensor of a step)."""
+        the (B, T, V) projection of a long prompt is otherwise the largest tensor of a step).
+        logits_index, an index of the (B, T) positions (a bool mask (B, T)), computes them only
+        there: logits (N, V) = lm_head(h[logits_index]), e.g. at the tokens a loss scores."""
         out = self.transformer(input_ids, attention_mask, **kwargs)
-        hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
-        out.logits = self.lm_head(hidden)                                              # (B, T or n, V)
+        hidden = out.last_hidden_state                                                 # (B, T, d)
+        if logits_index is not None:
+            hidden = hidden[logits_index]                                              # (N, d)
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]                                       # (B, n, d)
+        out.logits = self.lm_head(hidden)                                              # (B, T | n, V) or (N, V)
         return out
 
 
 class MaskedLM(LlmkitModel):
     """Bidirectional encoder with BERT's MLM head and, with `nsp=True`, the pooler + NSP head."""
+    head_names = ("mlm_head", "nsp_head", "pooler")
 
     def __init__(self, config: ModelConfig, *, nsp: bool = False):
         super().__init__()
@@ -113,6 +128,7 @@ class MaskedLM(LlmkitModel):
 
 class EncoderModel(LlmkitModel):
     """A bare bidirectional encoder: hidden states, plus BERT's pooled [CLS] vector if pooler."""
+    head_names = ("pooler",)
 
     def __init__(self, config: ModelConfig, *, pooler: bool = True):
         super().__init__()
@@ -130,6 +146,11 @@ class EncoderModel(LlmkitModel):
 
 class Seq2SeqLM(LlmkitModel):
     """Encoder-decoder LM (BART): P(y_t | y_<t, x) with a tied head and a fixed logit bias."""
+    head_names = ("lm_head",)
+
+    def blocks(self) -> list[nn.Module]:
+        """The encoder's blocks, then the decoder's."""
+        return [*self.transformer.encoder.layers, *self.transformer.decoder.layers]
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -166,6 +187,7 @@ class _PooledTaskModel(LlmkitModel):
 
 class SequenceClassifier(_PooledTaskModel):
     """logits = W pool(h) + b over `n_labels` classes."""
+    head_names = ("classifier", "pooler")
 
     def __init__(self, config: ModelConfig, n_labels: int, *, pooling: Optional[str] = None,
                  bert_pooler: bool = False):
@@ -185,6 +207,7 @@ class SequenceClassifier(_PooledTaskModel):
 
 class TokenClassifier(_PooledTaskModel):
     """logits_t = W h_t + b for every token (NER, tagging)."""
+    head_names = ("classifier",)
 
     def __init__(self, config: ModelConfig, n_labels: int):
         super().__init__(config, None)
@@ -199,6 +222,7 @@ class TokenClassifier(_PooledTaskModel):
 
 class ValueModel(_PooledTaskModel):
     """A scalar per token (`values`, B x T) and the sequence score at the last real token (`logits`, B)."""
+    head_names = ("value_head",)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, "last")
@@ -216,6 +240,7 @@ class ValueModel(_PooledTaskModel):
 
 class ProjectionModel(_PooledTaskModel):
     """Sentence embeddings z = normalize(MLP(pool(h))) for contrastive objectives."""
+    head_names = ("projection",)
 
     def __init__(self, config: ModelConfig, d_proj: int = 128, *, pooling: str = "mean",
                  normalize: bool = True):
