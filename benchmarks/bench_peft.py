@@ -241,7 +241,7 @@ def sst2_worker(method: str, quick: bool) -> dict:
             ranks[b] = original_eval(model, captured["batches"], captured["names"])["accuracy"]
         result["by_rank"] = ranks
     if method == "adalora":
-        callback = next(c for c in model.trainer_callbacks if type(c).__name__ == "BudgetCallback")
+        callback = next(c for c in handle.callbacks() if type(c).__name__ == "BudgetCallback")
         result["budget"] = [callback.history[0][1], callback.history[-1][1]]
     return result
 

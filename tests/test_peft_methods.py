@@ -62,13 +62,13 @@ def test_dylora_truncation_to_every_rank_matches_the_formula():
 def test_dylora_samples_a_rank_each_step_through_the_trainer(tmp_path):
     model = llmkit.build_model(llmkit.get_preset("llama-tiny"))
     h = peft.apply(model, "dylora", r=4, targets=["q_proj", "v_proj"])
-    assert any(type(c).__name__ == "RankSampling" for c in model.trainer_callbacks)
+    assert any(type(c).__name__ == "RankSampling" for c in h.callbacks())
     seen = []
 
     class Spy:
         def on_after_backward(self, trainer, step):
             seen.append(h.adapters["default"].config.state.train)
-    Trainer(model, clm_loss, batches(), config=train_config(tmp_path, 12), callbacks=[Spy()]).fit()
+    Trainer(model, clm_loss, batches(), config=train_config(tmp_path, 12), callbacks=h.callbacks() + [Spy()]).fit()
     assert all(1 <= b <= 4 for b in seen) and len(set(seen)) > 1
     assert h.adapters["default"].config.state.train is None          # inference uses the eval rank
 
@@ -128,8 +128,8 @@ def test_adalora_budget_falls_to_target_and_is_logged(tmp_path):
     model = llmkit.build_model(llmkit.get_preset("llama-tiny"))
     h = peft.apply(model, "adalora", r=4, target_r=2, t_init=2, t_final=3, targets=["q_proj", "v_proj"])
     n = 4                                                     # 2 blocks x (q, v)
-    result = Trainer(model, clm_loss, batches(), config=train_config(tmp_path, 12)).fit()
-    callback = next(c for c in model.trainer_callbacks if type(c).__name__ == "BudgetCallback")
+    result = Trainer(model, clm_loss, batches(), config=train_config(tmp_path, 12), callbacks=h.callbacks()).fit()
+    callback = next(c for c in h.callbacks() if type(c).__name__ == "BudgetCallback")
     kept = [k for _, k in callback.history]
     assert kept[0] == 4 * n and kept[-1] == 2 * n
     assert all(a >= b for a, b in zip(kept, kept[1:]))
@@ -200,8 +200,9 @@ def test_adalora_resume_prunes_exactly_like_an_uninterrupted_run(tmp_path):
         model = llmkit.build_model(llmkit.get_preset("llama-tiny"))
         h = peft.apply(model, "adalora", r=4, target_r=2, t_init=2, t_final=3, delta_t=1, total_steps=12,
                        targets=["q_proj", "v_proj"])
-        Trainer(model, clm_loss, TokenBatches(batch_size=2, seq_len=12), config=train_config(out, 12, resume=resume),
-                callbacks=[StopAt(stop_at)] if stop_at else []).fit()     # a seekable loader: resumable
+        Trainer(model, h.wrap_loss(clm_loss), TokenBatches(batch_size=2, seq_len=12),
+                config=train_config(out, 12, resume=resume),
+                callbacks=h.callbacks() + ([StopAt(stop_at)] if stop_at else [])).fit()     # a seekable loader: resumable
         return h
 
     straight = run(tmp_path / "a")

@@ -3,12 +3,13 @@
     h = W0 x + (alpha / r) · P diag(Λ) Q x,   P ∈ R^{out×r}, Q ∈ R^{r×in} ~ N(0, 0.02²), Λ = 0
 
 an SVD-shaped update whose singular values Λ are pruned during training to a shrinking total
-budget (schedule, importance and regulariser: adalora_budget.py). The handle installs
-`BudgetCallback` into `model.trainer_callbacks`, so a Trainer runs it every step:
-  - after backward: update importance scores, add γ ∇R(P, Q) to the gradients;
+budget (schedule, importance and regulariser: adalora_budget.py). The regulariser γ Σ R(P, Q) is
+the method's penalty, part of the loss through `handle.wrap_loss` (as HF peft adds it to the
+loss), and `BudgetCallback` (from `handle.callbacks()`) runs every step:
+  - after backward: update the importance scores (from the gradients of the whole loss);
   - after the optimizer step: every `delta_t` steps keep the b(t) most important triplets, mask
-    the others (λ = 0), and report the kept count as `rank_budget` in the step metrics (so metrics.jsonl, TensorBoard and
-    TrainResult.metrics carry it).
+    the others (λ = 0), and report the kept count as `rank_budget` in the step metrics (so
+    metrics.jsonl, TensorBoard and TrainResult.metrics carry it).
 Trainable parameters: r · (in + out + 1) per Linear (P, Q and Λ).
 """
 from __future__ import annotations
@@ -23,11 +24,11 @@ from torch import nn
 from ..model.dropout import Dropout
 from .adalora_budget import budget_at, orthogonality, update_importance
 from .errors import PeftError
-from .registry import AdapterConfig, Method, register
+from .registry import LowRankConfig, Method, register
 
 
 @dataclass
-class AdaLoraConfig(AdapterConfig):
+class AdaLoraConfig(LowRankConfig):
     r: int = 12                        # initial rank per matrix (b0 = r · matrices)
     target_r: Optional[int] = None     # final average rank (b_T = target_r · matrices); None = 2r/3
     t_init: int = 0                    # warm-up steps before pruning starts
@@ -106,6 +107,15 @@ class AdaLoraAdapter(nn.Module):
         self.lora_E.masked_fill_(~self.rank_mask, 0.0)
 
 
+def _groups(handle):
+    """(config, adapters) of each active AdaLoRA adapter name."""
+    for name in handle.active:
+        info = handle.adapters[name]
+        adapters = [a for _, _, a in handle.adapter_modules(name)] if info.method == "adalora" else []
+        if adapters:
+            yield info.config, adapters
+
+
 class BudgetCallback:
     """Runs AdaLoRA's per-step work for every active AdaLoRA adapter (see the module docstring)."""
 
@@ -113,26 +123,14 @@ class BudgetCallback:
         self.handle = handle
         self.history: list[tuple[int, int]] = []     # (step, kept triplets)
 
-    def _groups(self):
-        for name in self.handle.active:
-            info = self.handle.adapters[name]
-            if info.method == "adalora":
-                adapters = [a for _, _, a in self.handle.adapter_modules(name)]
-                if adapters:
-                    yield info.config, adapters
-
     def on_after_backward(self, trainer, step: int) -> None:
-        for config, adapters in self._groups():
+        for config, adapters in _groups(self.handle):
             for adapter in adapters:
                 adapter.update_importance(config.beta1, config.beta2)
-            if config.orth_reg > 0:
-                with torch.enable_grad():
-                    penalty = config.orth_reg * sum(a.orthogonality() for a in adapters)
-                    penalty.backward()
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         kept_total = None
-        for config, adapters in self._groups():
+        for config, adapters in _groups(self.handle):
             total = config.total_steps or trainer.config.max_steps
             kept_total = reallocate(adapters, config, step, total)
         if kept_total is None:
@@ -183,3 +181,9 @@ class AdaLoRA(Method):
 
     def callbacks(self, handle) -> list:
         return [BudgetCallback(handle)]
+
+    def penalty(self, handle) -> Optional[torch.Tensor]:
+        """γ Σ R(P, Q) over the active AdaLoRA adapters, each adapter name with its own γ = orth_reg."""
+        terms = [config.orth_reg * sum(a.orthogonality() for a in adapters)
+                 for config, adapters in _groups(handle) if config.orth_reg > 0]
+        return sum(terms[1:], terms[0]) if terms else None

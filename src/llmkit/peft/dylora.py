@@ -8,7 +8,7 @@ Training samples one rank b ~ U{1, ..., r} per step (the same b for every layer)
 so every leading block of the factors learns to stand on its own. With `freeze_lower=True`
 (the paper's "frozen" variant) only row b of A and column b of B receive gradients that step.
 After training any rank b <= r can be chosen for inference (`set_rank(handle, b)`), with no
-retraining. The rank sampling runs through the Trainer callback the handle installs.
+retraining. The rank sampling is a Trainer callback (`handle.callbacks()`).
 Trainable parameters: r · (in + out) per Linear, as LoRA.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..model.dropout import Dropout
 from .errors import PeftError
-from .registry import AdapterConfig, Method, register
+from .registry import LowRankConfig, Method, register
 
 
 class RankState:
@@ -36,7 +36,7 @@ class RankState:
 
 
 @dataclass
-class DyLoraConfig(AdapterConfig):
+class DyLoraConfig(LowRankConfig):
     freeze_lower: bool = False          # train only the sampled b-th row/column (paper's frozen mode)
     eval_rank: Optional[int] = None     # rank used outside training; None = r
     state: RankState = field(default_factory=RankState, repr=False, compare=False)

@@ -1,34 +1,45 @@
 """`PeftHandle`: what `llmkit.peft.apply` returns - one object to train, switch, merge and save
-the adapters of a model.
+the adapters of a model, and the seams a training job plugs in (`callbacks()`, `wrap_loss()`).
 
-State lives in the model (AdaptedLayer / SavedModule wrappers, see layers.py); the handle keeps
-each adapter's method, options and resolved target names, so it can save and rebuild them.
+State lives in the model, in adapter sites (model/slots.py's protocol): an AdaptedLayer wraps a
+target layer, an AdapterSlot fills a model slot, a SavedModule holds the trained copies of a head.
+The handle walks the sites alike to freeze, switch, disable, save, load and delete, and keeps each
+adapter's method, options and site names. Saving turns adapters into plain `AdapterRecord`s for a
+codec (serialization.py, peft_format.py); loading attaches records through one shape-checked copy.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
+from ..io.errors import CheckpointError
+from ..model.slots import AdapterSite, AdapterSlot
+from . import peft_format, serialization
 from .errors import PeftError
 from .layers import AdaptedLayer, SavedModule, set_submodule
 from .lora import LoraAdapter, LoraConfig, LoraEmbeddingAdapter
 from .registry import AdapterConfig, Method, get_method
+from .serialization import WEIGHTS_FILE, AdapterRecord
 from .targets import resolve_modules, select_targets, task_head
 
 HANDLE_ATTR = "_llmkit_peft_handle"
+FORMATS = ("llmkit", "peft")
 
 
 @dataclass
 class AdapterInfo:
     method: str
     config: AdapterConfig
-    targets: list[str]                        # full module names
+    targets: list[str]                        # full names of its sites (wrapped layers, filled slots)
     saved: list[str] = field(default_factory=list)
-    rank_pattern: dict[str, int] = field(default_factory=dict)   # module -> rank, where not config.r
+    rank_pattern: dict[str, int] = field(default_factory=dict)   # site -> rank, where not config.r
 
 
 class TrainableParameters:
@@ -50,86 +61,102 @@ class PeftHandle:
         self.model = model
         self.adapters: dict[str, AdapterInfo] = {}
         self.active: list[str] = []
-        self._callbacks: list = []
+        self._callbacks: dict[str, list] = {}    # method -> its Trainer callbacks, made once
         self._base_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        model.__dict__[HANDLE_ATTR] = self
 
     # ---- building ----------------------------------------------------------------------------
     def add_adapter(self, name: str = "default", method: str = "lora", **options) -> "PeftHandle":
         """Add a named adapter (any registered method) and make it the active one."""
+        spec = get_method(method)
+        rank_pattern = options.pop("rank_pattern", None) or {}
+        config = spec.make_config(options)
+        targets = select_targets(self.model, spec.default_targets if config.targets is None else config.targets,
+                                 config.layers, spec)
+        if spec.placement == "slot":
+            targets = [f"{t}.{spec.slot}" for t in targets]
+        saved = list(config.modules_to_save or [])
+        if config.train_head and task_head(self.model) not in saved:
+            saved.append(task_head(self.model))
+        saved = resolve_modules(self.model, saved, "modules_to_save") if saved else []
+        return self._build(name, spec, config, targets, saved, rank_pattern)
+
+    def _build(self, name: str, spec: Method, config: AdapterConfig, targets: list[str], saved: list[str],
+               rank_pattern: dict[str, int]) -> "PeftHandle":
         if not isinstance(name, str) or not name or "." in name:
             raise PeftError(f"adapter_name={name!r}: expected a non-empty name without dots")
         if name in self.adapters:
             raise PeftError(f"adapter_name={name!r} already exists (adapters: {list(self.adapters)}); "
                             "delete it first or pick another name")
-        spec = get_method(method)
-        rank_pattern = options.pop("rank_pattern", None) or {}
-        config = spec.make_config(options)
-        targets = select_targets(self.model, config.targets if config.targets is not None
-                                 else list(spec.default_targets), config.layers, spec.layer_types, spec.name)
-        tied = _tied_parameter_ids(self.model)
-        for target in targets:
-            self._attach(target, name, spec, _with_rank(config, rank_pattern.get(target)), tied)
-        saved = list(config.modules_to_save or [])
-        if config.train_head:
-            saved += [h for h in task_head(self.model) if h not in saved]
-        saved = resolve_modules(self.model, saved, "modules_to_save") if saved else []
-        for module_name in saved:
-            module = self.model.get_submodule(module_name)
-            if not isinstance(module, SavedModule):
-                module = SavedModule(module)
-                set_submodule(self.model, module_name, module)
-            module.add(name)
+        if spec.placement == "model":
+            raise PeftError(f"{spec.name}: placement='model' has no adapter site yet")
+        r = getattr(config, "r", None)
         self.adapters[name] = AdapterInfo(spec.name, config, targets, saved,
-                                          {k: v for k, v in rank_pattern.items() if v != config.r})
-        self._install_callbacks(spec)
-        self.set_active(name)
+                                          {k: v for k, v in rank_pattern.items() if v != r})
+        self.model.__dict__[HANDLE_ATTR] = self
+        try:
+            tied = _tied_parameter_ids(self.model)
+            for target in targets:
+                site, base = self._site(target, spec, tied)
+                adapter = spec.make_adapter(base, _with_rank(config, rank_pattern.get(target)))
+                weight = next(base.parameters(), None)
+                if config.upcast_adapters and weight is not None and weight.dtype in (torch.bfloat16, torch.float16):
+                    adapter.float()              # the site casts inputs to the adapter's dtype
+                site.named[name] = adapter
+            for module_name in saved:
+                module = self.model.get_submodule(module_name)
+                if not isinstance(module, SavedModule):
+                    module = SavedModule(module)
+                    set_submodule(self.model, module_name, module)
+                module.copies[name] = copy.deepcopy(module.original_module)
+            self.set_active(name)
+        except Exception:
+            self.delete_adapter(name)
+            raise
         return self
 
-    def _attach(self, target: str, name: str, spec: Method, config: AdapterConfig, tied: set[int]) -> None:
-        module = self.model.get_submodule(target)
-        if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module)
-            module.tied_elsewhere = id(module.base_layer.weight) in tied
-            set_submodule(self.model, target, module)
-        adapter = spec.make_adapter(module.base_layer, config)
-        if config.upcast_adapters and module.base_layer.weight.dtype in (torch.bfloat16, torch.float16):
-            adapter.float()                  # AdaptedLayer casts inputs to the adapter's dtype
-        module.adapters[name] = adapter
-
-    def _install_callbacks(self, spec: Method) -> None:
-        callbacks = getattr(self.model, "trainer_callbacks", None)
-        if callbacks is None:
-            callbacks = []
-            self.model.__dict__["trainer_callbacks"] = callbacks
-        for callback in spec.callbacks(self):
-            if not any(type(c) is type(callback) for c in self._callbacks):
-                self._callbacks.append(callback)
-                callbacks.append(callback)
+    def _site(self, path: str, spec: Method, tied: set[int]) -> tuple[AdapterSite, nn.Module]:
+        """The site at `path` (made if needed) and the module its adapter is built on."""
+        if spec.placement == "slot":
+            host_name, _, slot = path.rpartition(".")
+            host = self.model.get_submodule(host_name)
+            site = getattr(host, slot)
+            if site is None:
+                site = AdapterSlot(host.adapter_slots[slot])
+                setattr(host, slot, site)
+            elif not isinstance(site, AdapterSlot):
+                raise PeftError(f"{path}: the slot holds a {type(site).__name__} set by hand; expected None "
+                                "or an AdapterSlot (set it to None to let PEFT own it)")
+            return site, host
+        site = self.model.get_submodule(path)
+        if not isinstance(site, AdaptedLayer):
+            site = AdaptedLayer(site)
+            site.tied_elsewhere = id(site.base_layer.weight) in tied
+            set_submodule(self.model, path, site)
+        return site, site.base_layer
 
     # ---- iteration helpers -------------------------------------------------------------------
+    def sites(self) -> Iterator[tuple[str, AdapterSite]]:
+        """(module name, site) of every adapter site: wrapped layers, filled slots, saved modules."""
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, AdapterSite):
+                yield module_name, module
+
     def layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
-        for module_name, module in self.model.named_modules():
-            if isinstance(module, AdaptedLayer):
-                yield module_name, module
+        return ((n, s) for n, s in self.sites() if isinstance(s, AdaptedLayer))
 
-    def adapter_modules(self, name: Optional[str] = None) -> Iterator[tuple[str, AdaptedLayer, nn.Module]]:
-        """(module name, layer, adapter) for adapter `name` (default: every active adapter)."""
+    def adapter_modules(self, name: Optional[str] = None) -> Iterator[tuple[str, AdapterSite, nn.Module]]:
+        """(site name, site, adapter) for adapter `name` (default: every active adapter), saved
+        modules aside."""
         names = [name] if name is not None else self.active
-        for module_name, layer in self.layers():
-            for n in names:
-                if n in layer.adapters:
-                    yield module_name, layer, layer.adapters[n]
-
-    def saved_modules(self) -> Iterator[tuple[str, SavedModule]]:
-        for module_name, module in self.model.named_modules():
-            if isinstance(module, SavedModule):
-                yield module_name, module
+        for module_name, site in self.sites():
+            if not isinstance(site, SavedModule):
+                yield from ((module_name, site, site.named[n]) for n in names if n in site.named)
 
     # ---- switching ---------------------------------------------------------------------------
     def set_active(self, names: Union[str, list[str]]) -> None:
-        """Run (and train) these adapters; several at once sum their updates. Only active adapters
-        keep requires_grad, so build the Trainer (its optimizer) after choosing."""
+        """Run (and train) these adapters; several at once combine (layers sum their updates, slots
+        combine by their rule). Only active adapters keep requires_grad, so build the Trainer (its
+        optimizer) after choosing."""
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
@@ -137,52 +164,40 @@ class PeftHandle:
         if any(layer.merged for _, layer in self.layers()):
             raise PeftError("set_active: unmerge() first (merged adapters are baked into the weights)")
         self.active = names
-        for _, layer in self.layers():
-            layer.active = [n for n in names if n in layer.adapters]
-        for _, module in self.saved_modules():
-            module.active = next((n for n in names if n in module.copies), None)
-        self._set_requires_grad()
-
-    def _set_requires_grad(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
-        for _, layer in self.layers():
-            for n in layer.active:
-                for p in layer.adapters[n].parameters():
-                    p.requires_grad_(True)
-        for _, module in self.saved_modules():
-            if module.active is not None:
-                for p in module.copies[module.active].parameters():
-                    p.requires_grad_(True)
+        for _, site in self.sites():
+            site.set_active(names)
+            for n in site.active:
+                site.named[n].requires_grad_(True)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise PeftError(f"adapter {name!r} does not exist: expected one of {list(self.adapters)}")
         self.unmerge()
-        for module_name, layer in list(self.layers()):
-            if name in layer.adapters:
-                del layer.adapters[name]
-            if not len(layer.adapters):              # the last adapter gone: the plain layer back
-                set_submodule(self.model, module_name, layer.base_layer)
-        for module_name, module in list(self.saved_modules()):
-            if name in module.copies:
-                del module.copies[name]
-            if not len(module.copies):
-                set_submodule(self.model, module_name, module.original_module)
+        for module_name, site in list(self.sites()):
+            if name in site.named:
+                del site.named[name]
+                site.set_active(site.active)
+                if not len(site.named):              # the last adapter gone: the plain module back
+                    set_submodule(self.model, module_name, site.unload())
         del self.adapters[name]
         remaining = [n for n in self.active if n != name] or list(self.adapters)[:1]
         if remaining:
             self.set_active(remaining)
         else:                                        # no adapter left: the model is plain again
-            self.active = []
-            for p in self.model.parameters():
-                p.requires_grad_(self._base_requires_grad.get(id(p), True))
-            self.model.__dict__.pop(HANDLE_ATTR, None)
+            self._release()
+
+    def _release(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(self._base_requires_grad.get(id(p), True))
+        self.model.__dict__.pop(HANDLE_ATTR, None)
+        self.adapters, self.active = {}, []
 
     def add_weighted_adapter(self, weights: dict[str, float], name: str) -> None:
         """A new LoRA adapter with ΔW = sum_i w_i ΔW_i, exactly: A = [A'_1; ...; A'_n],
         B = [w_1 B'_1, ..., w_n B'_n] (rank sum r_i; B'_i carries adapter i's scale). Works across
-        methods, since every adapter factors as ΔW = B' A'."""
+        layer methods, since every one factors as ΔW = B' A'."""
         if name in self.adapters:
             raise PeftError(f"adapter_name={name!r} already exists")
         unknown = [n for n in weights if n not in self.adapters]
@@ -196,16 +211,13 @@ class PeftHandle:
                     continue
                 B = torch.cat([w * b for w, (b, _) in parts], dim=1)                # (out, Σr)
                 A = torch.cat([a for _, (_, a) in parts], dim=0)                    # (Σr, in)
-                r = A.shape[0]
-                if layer.is_embedding:
-                    adapter = LoraEmbeddingAdapter(A.shape[1], B.shape[0], r, 1.0, device=A.device, dtype=A.dtype)
-                else:
-                    adapter = LoraAdapter(A.shape[1], B.shape[0], r, 1.0, device=A.device, dtype=A.dtype)
+                kind = LoraEmbeddingAdapter if layer.is_embedding else LoraAdapter
+                adapter = kind(A.shape[1], B.shape[0], A.shape[0], 1.0, device=A.device, dtype=A.dtype)
                 adapter.lora_A.copy_(A)
                 adapter.lora_B.copy_(B)
                 layer.adapters[name] = adapter
                 targets.append(module_name)
-                ranks[module_name] = r
+                ranks[module_name] = A.shape[0]
         if not targets:
             raise PeftError(f"weights={weights!r}: none of these adapters sits on any layer")
         r0 = max(ranks.values())
@@ -215,7 +227,7 @@ class PeftHandle:
 
     # ---- merging -----------------------------------------------------------------------------
     def merge(self) -> None:
-        """W <- W + ΔW for every active adapter (inference without the extra matmuls)."""
+        """W <- W + ΔW for every active layer adapter (inference without the extra matmuls)."""
         for _, layer in self.layers():
             layer.merge(layer.active)
 
@@ -226,42 +238,60 @@ class PeftHandle:
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters, put plain modules back, and return the model. The handle is
-        spent afterwards; trained task heads (modules_to_save) replace the originals."""
+        spent afterwards; trained task heads (modules_to_save) replace the originals, and a slot
+        keeps its active adapter as a plain slot module."""
         self.merge()
-        for module_name, layer in list(self.layers()):
-            set_submodule(self.model, module_name, layer.base_layer)
-        for module_name, module in list(self.saved_modules()):
-            kept = module.copies[module.active] if module.active is not None else module.original_module
-            set_submodule(self.model, module_name, kept)
-        for p in self.model.parameters():
-            p.requires_grad_(self._base_requires_grad.get(id(p), True))
-        callbacks = getattr(self.model, "trainer_callbacks", None)
-        if callbacks is not None:
-            callbacks[:] = [c for c in callbacks if c not in self._callbacks]
-        self.model.__dict__.pop(HANDLE_ATTR, None)
-        self.adapters, self.active = {}, []
+        for module_name, site in list(self.sites()):
+            set_submodule(self.model, module_name, site.unload())
+        self._release()
         return self.model
 
     @contextmanager
     def disable(self):
-        """Run the base model: every adapter and trained head off (merged ones are unmerged for the
-        duration). Cheap, so the same model is its own frozen reference (DPO)."""
+        """Run the base model: every adapter, slot and trained head off (merged ones are unmerged
+        for the duration). Cheap, so the same model is its own frozen reference (DPO)."""
         merged = any(layer.merged for _, layer in self.layers())
         if merged:
             self.unmerge()
-        wrappers = [m for _, m in self.layers()] + [m for _, m in self.saved_modules()]
-        previous = [m.disabled for m in wrappers]
-        for m in wrappers:
-            m.disabled = True
+        sites = [s for _, s in self.sites()]
+        previous = [s.disabled for s in sites]
+        for s in sites:
+            s.disabled = True
         try:
             yield self.model
         finally:
-            for m, flag in zip(wrappers, previous):
-                m.disabled = flag
+            for s, flag in zip(sites, previous):
+                s.disabled = flag
             if merged:
                 self.merge()
 
-    # ---- reporting and saving ----------------------------------------------------------------
+    # ---- training seams ----------------------------------------------------------------------
+    def callbacks(self) -> list:
+        """The Trainer callbacks the adapters' methods need (AdaLoRA's rank budget, DyLoRA's rank
+        sampling), made once per method and acting on its active adapters:
+        `Trainer(model, handle.wrap_loss(loss_fn), data, callbacks=handle.callbacks())`."""
+        methods = dict.fromkeys(info.method for info in self.adapters.values())
+        for method in methods:
+            if method not in self._callbacks:
+                self._callbacks[method] = get_method(method).callbacks(self)
+        return [c for method in methods for c in self._callbacks[method]]
+
+    def wrap_loss(self, loss_fn: Callable) -> Callable:
+        """loss_fn(model, batch) -> (loss, metrics) with the active methods' penalty terms added:
+        L' = L + Σ_m P_m (Method.penalty, e.g. AdaLoRA's γ Σ R(P, Q)), each P_m also reported as
+        metrics["penalty/<method>"]. So the Trainer backpropagates, clips and logs L'."""
+        def wrapped(model, batch):
+            loss, metrics = loss_fn(model, batch)
+            metrics = dict(metrics or {})
+            for method in dict.fromkeys(self.adapters[n].method for n in self.active):
+                penalty = get_method(method).penalty(self)
+                if penalty is not None:
+                    loss = loss + penalty
+                    metrics[f"penalty/{method}"] = penalty.detach()
+            return loss, metrics
+        return wrapped
+
+    # ---- reporting, saving and loading -------------------------------------------------------
     def trainable_parameters(self) -> TrainableParameters:
         seen, count, total = set(), 0, 0
         for p in self.model.parameters():
@@ -274,32 +304,148 @@ class PeftHandle:
 
     def expected_trainable(self, name: Optional[str] = None) -> int:
         """The closed-form count for adapter `name` (default: the active ones) + its saved modules."""
-        names = [name] if name else self.active
         count = 0
-        for n in names:
+        for n in [name] if name else self.active:
             info = self.adapters[n]
             spec = get_method(info.method)
             for target in info.targets:
-                base = self.model.get_submodule(target).base_layer
+                site, base = self._site(target, spec, set())
                 count += spec.trainable_count(base, _with_rank(info.config, info.rank_pattern.get(target)))
             for module_name in info.saved:
                 count += sum(p.numel() for p in self.model.get_submodule(module_name).copies[n].parameters())
         return count
 
-    def save(self, directory, format: str = "llmkit", adapter_name: Optional[str] = None):
-        from .serialization import save_adapter
-        return save_adapter(self, directory, format=format, adapter_name=adapter_name)
+    def record(self, name: str) -> AdapterRecord:
+        """Adapter `name` as plain data for a codec (training-only buffers, an adapter class's
+        `training_state` such as AdaLoRA's importance averages, left out)."""
+        info = self.adapters[name]
+
+        def tensors(path: str) -> dict[str, torch.Tensor]:
+            module = self.model.get_submodule(path).named[name]
+            skip = set(getattr(module, "training_state", ()))
+            return {k: t.detach().contiguous().cpu() for k, t in module.state_dict().items() if k not in skip}
+        return AdapterRecord(name, info.method, info.config.to_dict(), {t: tensors(t) for t in info.targets},
+                             {m: tensors(m) for m in info.saved}, dict(info.rank_pattern), name in self.active)
+
+    def save(self, directory, format: str = "llmkit", adapter_name: Optional[str] = None) -> Path:
+        """Write adapter files: format="llmkit" every adapter of any method, exactly
+        (serialization.py); "peft" one adapter as HF PEFT LoRA files (peft_format.py)."""
+        if format not in FORMATS:
+            raise PeftError(f"format={format!r}: expected one of {list(FORMATS)}")
+        if not self.adapters:
+            raise PeftError("save: the handle has no adapter (merge_and_unload() spends it)")
+        if adapter_name is not None and adapter_name not in self.adapters:
+            raise PeftError(f"adapter_name={adapter_name!r}: expected one of {list(self.adapters)}")
+        if format == "llmkit":
+            return serialization.write(directory, [self.record(n) for n in ([adapter_name] if adapter_name
+                                                                          else self.adapters)])
+        name = adapter_name or (self.active[0] if len(self.active) == 1 else None)
+        if name is None:
+            raise PeftError(f"save(format='peft') writes one adapter: pass adapter_name= one of {list(self.adapters)}")
+        return peft_format.write(directory, [self._lora_record(name)], _hf_rules(self.model),
+                                 {n for n, layer in self.layers() if layer.is_embedding})
+
+    def _lora_record(self, name: str) -> AdapterRecord:
+        """The record of adapter `name` as a LoRA: its own factors for a plain LoRA, else ΔW = B' A'
+        with the method's scale folded into B'."""
+        record, info = self.record(name), self.adapters[name]
+        adapters = {t: self.model.get_submodule(t).named[name] for t in info.targets}
+        if get_method(info.method).placement != "layer" or not all(hasattr(a, "factors") for a in adapters.values()):
+            raise PeftError(f"format='peft' writes LoRA-shaped layer adapters; {info.method!r} is not one: "
+                            "save with format='llmkit'")
+        if info.method == "lora":
+            return record
+        targets = {t: dict(zip(("lora_B", "lora_A"), (f.detach().cpu() for f in a.factors())))
+                   for t, a in adapters.items()}
+        return dataclasses.replace(record, method="lora", targets=targets,
+                                   config={**record.config, "scale": 1.0, "rslora": False})
+
+    def attach(self, record: AdapterRecord, source: str = WEIGHTS_FILE) -> None:
+        """Add adapter `record.name` from plain data (what a codec read): its sites, then every
+        tensor copied in, names and shapes checked; on any mismatch nothing stays attached."""
+        spec = get_method(record.method)
+        try:
+            self._build(record.name, spec, spec.make_config(dict(record.config)), list(record.targets),
+                        list(record.saved), record.rank_pattern)
+        except (AttributeError, KeyError) as exc:
+            raise CheckpointError(f"{source}: adapter {record.name!r} sits on modules this "
+                                  f"{type(self.model).__name__} lacks ({exc})") from None
+        try:
+            for path, tensors in [*record.targets.items(), *record.saved.items()]:
+                module = self.model.get_submodule(path).named[record.name]
+                _copy_checked(module, tensors, f"{source}: {path}", getattr(module, "training_state", ()))
+            for path, tensors in record.base.items():
+                module = self.model.get_submodule(path)
+                _copy_checked(getattr(module, "base_layer", module), tensors, f"{source}: {path}")
+        except Exception:
+            self.delete_adapter(record.name)
+            raise
 
     def __repr__(self) -> str:
         info = {n: (a.method, len(a.targets)) for n, a in self.adapters.items()}
         return f"PeftHandle(adapters={info}, active={self.active})"
 
 
+def load(model: nn.Module, directory, *, adapter_name: Optional[str] = None) -> PeftHandle:
+    """Attach adapters saved by `handle.save` (either format) or by HF peft's save_pretrained; a
+    peft directory's one adapter gets `adapter_name` (default "default"), an llmkit one keeps only
+    `adapter_name` if given."""
+    if "peft_type" in serialization.read_config(directory):
+        records = peft_format.read(directory, _hf_rules(model))
+        records[0].name = adapter_name or "default"
+    else:
+        records = serialization.read(directory)
+        if adapter_name is not None:
+            found = [r.name for r in records]
+            records = [r for r in records if r.name == adapter_name]
+            if not records:
+                raise CheckpointError(f"{Path(directory)}: no adapter {adapter_name!r} (found {sorted(found)})")
+    handle = handle_of(model) or PeftHandle(model)
+    for record in records:
+        handle.attach(record, str(Path(directory) / WEIGHTS_FILE))
+    active = [r.name for r in records if r.active]
+    if active:
+        handle.set_active(active)
+    return handle
+
+
+def _copy_checked(module: nn.Module, tensors: dict[str, torch.Tensor], where: str, optional=()) -> None:
+    """Copy saved tensors into `module`'s state (in its dtype) once names match exactly (the
+    `optional` ones may be absent) and every shape does."""
+    state = module.state_dict(keep_vars=True)
+    missing, unknown = sorted(set(state) - set(tensors) - set(optional)), sorted(set(tensors) - set(state))
+    if missing or unknown:
+        raise CheckpointError(f"{where}: expected tensors {sorted(state)}; missing {missing}, unknown {unknown}")
+    for key, tensor in tensors.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}.{key}: expected shape {list(state[key].shape)} (from this model's "
+                                  f"layer), found {list(tensor.shape)}: the adapter was made for a model with "
+                                  "different layer sizes")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            state[key].copy_(tensor.to(state[key].dtype))
+
+
+def _hf_rules(model: nn.Module) -> Optional[dict]:
+    """llmkit tensor key -> its `Rule` (HF name, fused part) for an llmkit model save_hf can export;
+    None for any other torch module (names are then used as they are)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "family"):
+        return None
+    from ..io.families import FAMILIES
+    from ..io.hf import task_of
+    if config.family not in FAMILIES:
+        raise PeftError(f"format='peft': ModelConfig.family={config.family!r} has no Hugging Face layout "
+                        f"(expected one of {sorted(FAMILIES)}); save with format='llmkit'")
+    try:
+        return {rule.ours: rule for rule in FAMILIES[config.family].rules(config, task_of(model))}
+    except CheckpointError as exc:
+        raise PeftError(f"format='peft' needs a model llmkit.save_hf can export ({exc}); "
+                        "save with format='llmkit'") from exc
+
+
 def _with_rank(config: AdapterConfig, rank: Optional[int]) -> AdapterConfig:
-    if rank is None or rank == config.r:
-        return config
-    import dataclasses
-    return dataclasses.replace(config, r=rank)
+    return config if rank is None or rank == getattr(config, "r", rank) else dataclasses.replace(config, r=rank)
 
 
 def _tied_parameter_ids(model: nn.Module) -> set[int]:

@@ -1,4 +1,5 @@
-"""The wrappers every method shares: an adapted layer and a trainable copy of a saved module.
+"""The layer-side adapter sites (model/slots.py's protocol): an adapted layer and the trainable
+copies of a saved module.
 
 `AdaptedLayer` swaps in for a target nn.Linear / nn.Embedding (HF peft's design): it keeps the
 original as `base_layer` and holds any number of named adapters in a ModuleDict. Its output is
@@ -15,17 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.slots import AdapterSite
 from .errors import PeftError
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(AdapterSite):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
         self.merged: list[str] = []
-        self.disabled = False
         self.tied_elsewhere = False      # base weight shared with another module (a tied head)
 
     @property
@@ -38,9 +38,7 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)                         # (..., out) or (B, T, d)
-        if self.disabled:
-            return out
-        for name in self.active:
+        for name in () if self.disabled else self.active:
             if name in self.merged:
                 continue
             adapter = self.adapters[name]
@@ -78,32 +76,31 @@ class AdaptedLayer(nn.Module):
             weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
         self.merged = []
 
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
 
 
-class SavedModule(nn.Module):
+class SavedModule(AdapterSite):
     """A module trained in full beside the adapters (a new task head): the frozen original plus one
-    trainable copy per adapter name; the active adapter's copy runs unless disabled."""
+    trainable copy per adapter name (a deep copy); the first active one runs unless disabled."""
+    store = "copies"
 
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original_module = original
         self.copies = nn.ModuleDict()
-        self.active: str | None = None
-        self.disabled = False
 
-    def add(self, name: str) -> None:
-        import copy
-        self.copies[name] = copy.deepcopy(self.original_module)
-        for p in self.copies[name].parameters():
-            p.requires_grad_(True)
-        self.active = name
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.copies][:1]
 
     def forward(self, *args, **kwargs):
-        if self.disabled or self.active not in self.copies:
-            return self.original_module(*args, **kwargs)
-        return self.copies[self.active](*args, **kwargs)
+        return (self.running() or [self.original_module])[0](*args, **kwargs)
+
+    def unload(self) -> nn.Module:
+        return self.copies[self.active[0]] if self.active else self.original_module
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.dropout import Dropout
-from .registry import AdapterConfig, Method, register
+from .registry import LowRankConfig, Method, register
 
 
 @dataclass
-class LoraConfig(AdapterConfig):
+class LoraConfig(LowRankConfig):
     rslora: bool = False               # scale alpha / sqrt(r) instead of alpha / r
     scale: Optional[float] = None      # a fixed scale instead (weighted combinations carry 1.0)
 

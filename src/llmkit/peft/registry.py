@@ -1,9 +1,12 @@
-"""The registry of PEFT methods: name -> `Method`, and the shared option dataclass.
+"""The registry of PEFT methods: name -> `Method`, and the option dataclasses.
 
-A method says how to build one named adapter on one base layer (`make_adapter`), which base layer
-types it accepts, the closed-form count of its trainable parameters, and which Trainer callbacks
-its handle must install (AdaLoRA's budget, DyLoRA's rank sampling). Everything else - target
-selection, freezing, merging, multiple adapters, saving - is shared by the handle.
+A method says where its adapters sit (`placement`: "layer" wraps each target layer in an
+AdaptedLayer; "slot" fills the model slot `slot` of each target host, see model/slots.py;
+"model" wraps the whole model, for methods still to come), how to build one named adapter
+(`make_adapter`), the closed-form count of its trainable parameters, and its two seams into
+training: Trainer callbacks (`callbacks`: AdaLoRA's budget, DyLoRA's rank sampling) and a penalty
+term of the loss (`penalty`: AdaLoRA's orthogonality). Everything else - target selection,
+freezing, switching, merging, several adapters, saving - the handle shares.
 """
 from __future__ import annotations
 
@@ -12,31 +15,30 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from .errors import PeftError
 
 TargetSpec = Union[None, str, Sequence[str]]
+PLACEMENTS = ("layer", "slot", "model")
 
 
 @dataclass
 class AdapterConfig:
-    """Options every low-rank method shares (method-specific ones live in subclasses).
+    """Options every method shares (method-specific ones live in subclasses).
 
     targets: a list of module-name suffixes (["q_proj", "v_proj"]), a regex string matched with
         re.fullmatch against full module names, "all-linear" (every nn.Linear of the model except
-        its output head), or None for the method's default.
+        its output heads), or None for the method's default. A slot method's targets are hosts.
     layers: keep only modules inside these block indices (e.g. [0, 1]).
     modules_to_save: module names (suffixes) that train in full beside the adapters, e.g. a new
         classification head ["classifier"]; each gets a trainable per-adapter copy (as in HF peft).
     train_head: shorthand for modules_to_save=<the model's task head>.
     upcast_adapters: on a bf16/fp16 base, keep the adapter weights in float32 (as HF peft's
         autocast_adapter_dtype does): optimizer updates of ~1e-4 x |w| would round away in 8 or 11
-        mantissa bits. Inputs are cast up for the adapter and its update cast back to the base dtype.
+        mantissa bits. Inputs are cast up for the adapter and its output cast back.
     """
-    r: int = 8
-    alpha: Optional[float] = None          # None -> alpha = r (scale 1)
-    dropout: float = 0.0
     targets: TargetSpec = None
     layers: Optional[list[int]] = None
     modules_to_save: Optional[list[str]] = None
@@ -44,14 +46,6 @@ class AdapterConfig:
     upcast_adapters: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PeftError(f"r={self.r!r}: expected a positive integer rank")
-        if self.alpha is None:
-            self.alpha = float(self.r)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise PeftError(f"alpha={self.alpha!r}: expected a positive number")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise PeftError(f"dropout={self.dropout!r}: expected a probability in [0, 1)")
         if self.layers is not None and (not isinstance(self.layers, (list, tuple))
                                         or not all(isinstance(i, int) and i >= 0 for i in self.layers)):
             raise PeftError(f"layers={self.layers!r}: expected a list of non-negative block indices")
@@ -66,12 +60,34 @@ class AdapterConfig:
         return data
 
 
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """A rank-r update ΔW = B A scaled by alpha / r (LoRA and its relatives), dropout on its input."""
+    r: int = 8
+    alpha: Optional[float] = None          # None -> alpha = r (scale 1)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise PeftError(f"r={self.r!r}: expected a positive integer rank")
+        if self.alpha is None:
+            self.alpha = float(self.r)
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise PeftError(f"alpha={self.alpha!r}: expected a positive number")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise PeftError(f"dropout={self.dropout!r}: expected a probability in [0, 1)")
+
+
 class Method:
-    """Base class of a registered method. Subclasses set `name`, `config_class`, `default_targets`."""
+    """Base class of a registered method. Subclasses set `name`, `config_class`, `placement` and
+    `default_targets` (+ `layer_types` for "layer", `slot` for "slot")."""
 
     name: str = ""
     config_class: type = AdapterConfig
-    default_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    placement: str = "layer"
+    slot: str = ""                                         # "slot": a key of its hosts' adapter_slots
+    default_targets: TargetSpec = ("q_proj", "v_proj")     # None: every module that takes it
     layer_types: tuple[type, ...] = (nn.Linear,)
 
     def make_config(self, options: dict[str, Any]) -> AdapterConfig:
@@ -83,7 +99,14 @@ class Method:
                 raise PeftError(f"{self.name}: unknown option {key!r}{hint} (options: {sorted(known)})")
         return self.config_class(**options)
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether `module` can take this method's adapter: a layer of `layer_types`, or a host of `slot`."""
+        if self.placement == "slot":
+            return self.slot in getattr(module, "adapter_slots", {})
+        return isinstance(module, self.layer_types)
+
     def make_adapter(self, base: nn.Module, config: AdapterConfig) -> nn.Module:
+        """One adapter on `base`: the wrapped layer ("layer") or the slot's host module ("slot")."""
         raise NotImplementedError
 
     def trainable_count(self, base: nn.Module, config: AdapterConfig) -> int:
@@ -91,8 +114,12 @@ class Method:
         raise NotImplementedError
 
     def callbacks(self, handle) -> list:
-        """Trainer callbacks the handle installs into `model.trainer_callbacks`."""
+        """Trainer callbacks this method's adapters need; made once per handle, see handle.callbacks()."""
         return []
+
+    def penalty(self, handle) -> Optional[torch.Tensor]:
+        """A term added to the training loss by handle.wrap_loss (None: no term)."""
+        return None
 
 
 METHODS: dict[str, Method] = {}
@@ -103,6 +130,9 @@ def register(method_class: type) -> type:
     instance = method_class()
     if not instance.name:
         raise PeftError(f"{method_class.__name__}: a registered method needs a non-empty `name`")
+    if instance.placement not in PLACEMENTS or (instance.placement == "slot") != bool(instance.slot):
+        raise PeftError(f"{method_class.__name__}: placement={instance.placement!r}, slot={instance.slot!r}: "
+                        f"expected a placement in {list(PLACEMENTS)}, with a slot name exactly for 'slot'")
     METHODS[instance.name] = instance
     return method_class
 

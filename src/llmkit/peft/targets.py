@@ -2,32 +2,40 @@
 
 - a list of suffixes: a module matches when its full name equals a suffix or ends with "." + suffix;
 - a string: a regular expression that must match the full module name (re.fullmatch);
-- "all-linear": every nn.Linear except the output head (for llmkit models every Linear inside
-  the `transformer` stack; for other modules every Linear but the last one registered);
-- layers=[i, ...]: only modules inside blocks with these indices (names like "layers.3.", "layer.3.",
-  "h.3.", "blocks.3.").
+- "all-linear": every nn.Linear outside the model's output heads (an llmkit model declares them in
+  `head_names`; for any other module every Linear but the last one registered);
+- None (a slot method's default): every module that hosts the method's slot;
+- layers=[i, ...]: only modules inside these blocks (an llmkit model's `blocks()`; for any other
+  module, names like "layers.3.", "layer.3.", "h.3.", "blocks.3.").
 
-A target that matches nothing is an error listing the most similar module names (difflib).
+A slot method's targets name hosts (["self_attn"] for a kv_prefix). A target that matches nothing
+is an error listing the most similar module names (difflib).
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
 from .errors import PeftError
-from .registry import TargetSpec
+from .layers import AdaptedLayer
+from .registry import Method, TargetSpec
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-# Heads of llmkit task models: "all-linear" never adapts them.
-HEAD_NAMES = ("lm_head", "mlm_head", "classifier", "nsp_head", "value_head", "projection", "pooler")
+_INTERNAL = re.compile(r"(?:^|\.)(?:base_layer|adapters|original_module|copies)(?:\.|$)")
 
 
-def layer_index(name: str) -> Optional[int]:
-    match = _LAYER_INDEX.search(name)
-    return int(match.group(1)) if match else None
+def block_index(model: nn.Module) -> Callable[[str], Optional[int]]:
+    """module name -> index of the block it sits in (None outside every block)."""
+    blocks = getattr(model, "blocks", None)
+    if not inspect.ismethod(blocks):
+        return lambda name: int(m.group(1)) if (m := _LAYER_INDEX.search(name)) else None
+    index = {id(b): i for i, b in enumerate(blocks())}
+    prefixes = [(name + ".", index[id(m)]) for name, m in model.named_modules() if id(m) in index]
+    return lambda name: next((i for p, i in prefixes if (name + ".").startswith(p)), None)
 
 
 def _suggest(wanted: str, names: list[str]) -> str:
@@ -37,12 +45,12 @@ def _suggest(wanted: str, names: list[str]) -> str:
     return f"similar module names: {close}" if close else f"module names end in: {leaves[:20]}"
 
 
-def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[int]],
-                   layer_types: tuple[type, ...], method: str) -> list[str]:
-    """Full names of the modules to adapt, in model order."""
+def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[int]], spec: Method) -> list[str]:
+    """Full names of the modules `spec` adapts (layers, or a slot method's hosts), in model order."""
     named = visible_modules(model)
-    candidates = [n for n, m in named.items() if isinstance(m, layer_types)]
-    if isinstance(targets, str) and targets == "all-linear":
+    if targets is None:
+        chosen = [n for n, m in named.items() if spec.accepts(m)]
+    elif isinstance(targets, str) and targets == "all-linear":
         chosen = _all_linear(model, named)
     elif isinstance(targets, str):
         try:
@@ -66,39 +74,41 @@ def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[
         raise PeftError(f"targets={targets!r}: expected a list of module-name suffixes, a regex string "
                         "or 'all-linear'")
     if layers is not None:
-        chosen = [n for n in chosen if layer_index(n) in set(layers)]
+        index = block_index(model)
+        chosen = [n for n in chosen if index(n) in set(layers)]
         if not chosen:
             raise PeftError(f"layers={layers!r}: no targeted module sits in these blocks "
-                            f"(block indices seen: {sorted({layer_index(n) for n in named} - {None})})")
-    wrong = [n for n in chosen if not isinstance(named[n], layer_types)]
-    if wrong:
+                            f"(block indices seen: {sorted({index(n) for n in named} - {None})})")
+    wrong = [n for n in chosen if not spec.accepts(named[n])]
+    if wrong or not chosen:
+        takes = [t.__name__ for t in spec.layer_types] if spec.placement == "layer" else f"hosts of {spec.slot!r}"
         kinds = sorted({type(named[n]).__name__ for n in wrong})
-        raise PeftError(f"{method}: targets {wrong[:4]} are {kinds}; this method adapts "
-                        f"{[t.__name__ for t in layer_types]} only (adaptable here: {candidates[:6]} ...)")
+        raise PeftError(f"{spec.name}: targets={targets!r} selects {wrong[:4] or 'nothing'} {kinds}; this "
+                        f"method takes {takes} (here: {[n for n, m in named.items() if spec.accepts(m)][:6]} ...)")
     return chosen
 
 
 def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module names a user targets: an already adapted layer counts as its base layer, and the
     wrappers' insides (base_layer, adapters, saved copies) are hidden."""
-    from .layers import AdaptedLayer
-    out = {}
-    for name, module in model.named_modules():
-        if not name or _INTERNAL.search(name):
-            continue
-        out[name] = module.base_layer if isinstance(module, AdaptedLayer) else module
-    return out
+    return {name: module.base_layer if isinstance(module, AdaptedLayer) else module
+            for name, module in model.named_modules() if name and not _INTERNAL.search(name)}
 
 
-_INTERNAL = re.compile(r"(?:^|\.)(?:base_layer|adapters|original_module|copies)(?:\.|$)")
+def _heads(model: nn.Module) -> Optional[list[str]]:
+    """The output heads a model declares (`head_names`, task head first) that it has; None if it
+    declares none."""
+    names = getattr(model, "head_names", None)
+    return None if names is None else [h for h in names if getattr(model, h, None) is not None]
 
 
 def _all_linear(model: nn.Module, named: dict[str, nn.Module]) -> list[str]:
     linears = [n for n, m in named.items() if isinstance(m, nn.Linear)]
-    if hasattr(model, "transformer") and hasattr(model, "config"):        # an llmkit model
-        chosen = [n for n in linears if n.startswith("transformer.")]
+    heads = _heads(model)
+    if heads is None:
+        chosen = linears[:-1]
     else:
-        chosen = [n for n in linears if n.split(".")[0] not in HEAD_NAMES][:-1] if linears else []
+        chosen = [n for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)]
     if not chosen:
         raise PeftError(f"targets='all-linear': {type(model).__name__} has no nn.Linear besides its output head")
     return chosen
@@ -119,10 +129,10 @@ def resolve_modules(model: nn.Module, names: list[str], what: str) -> list[str]:
     return out
 
 
-def task_head(model: nn.Module) -> list[str]:
-    """The head a `train_head=True` should keep trainable."""
-    heads = [n for n in HEAD_NAMES if n not in ("pooler",) and getattr(model, n, None) is not None]
+def task_head(model: nn.Module) -> str:
+    """The head a `train_head=True` keeps trainable: the first of the model's `head_names`."""
+    heads = _heads(model)
     if not heads:
-        raise PeftError(f"train_head=True: {type(model).__name__} has no known head "
-                        f"(looked for {list(HEAD_NAMES)}); name it with modules_to_save=[...]")
-    return heads[:1]
+        raise PeftError(f"train_head=True: {type(model).__name__} declares no output head (head_names="
+                        f"{getattr(model, 'head_names', None)!r}); name it with modules_to_save=[...]")
+    return heads[0]
