@@ -121,7 +121,7 @@ def run_llmkit(work: Path, args) -> dict:
     config = TrainConfig(out_dir=str(work / "llmkit_run"), max_steps=args.steps + args.warmup, lr=1e-5, warmup_steps=0,
                          schedule="constant", betas=(0.9, 0.999), weight_decay=0.0, max_grad_norm=1.0, log_every=10**6,
                          progress=False, tensorboard=False, plot=False, keep_last=1, device=device.type)
-    trainer = Trainer(model, objective, batches, config=config, callbacks=[Clock()])
+    trainer = Trainer(model, objective.loss, batches, config=config, callbacks=[Clock()])
     memory = PeakMemory(device)
     trainer.fit()
     peak = memory.stop()

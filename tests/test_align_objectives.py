@@ -49,14 +49,14 @@ def test_causal_lm_logps_equals_sequence_logps_of_full_logits(tokenizer):
 def test_dpo_step1_is_exactly_ln2_with_copy_and_matches_precomputed(tokenizer):
     model, ex = tiny_model(tokenizer), examples(tokenizer)
     batch = collate_pairs(ex[:4], tokenizer.pad_token_id)
-    loss, metrics = DPOObjective(frozen_copy(model), beta=0.1)(model, batch)
+    loss, metrics = DPOObjective(frozen_copy(model), beta=0.1).loss(model, batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert metrics["rewards/margins"] == 0.0 and metrics["rewards/accuracies"] == 0.0
     pre = precompute_reference_logps(ex[:4], frozen_copy(model), tokenizer.pad_token_id, batch_size=3)
-    loss_pre, _ = DPOObjective(None, beta=0.1)(model, collate_pairs(pre, tokenizer.pad_token_id))
+    loss_pre, _ = DPOObjective(None, beta=0.1).loss(model, collate_pairs(pre, tokenizer.pad_token_id))
     assert loss_pre.item() == pytest.approx(math.log(2), abs=1e-6)
     with pytest.raises(KeyError, match="precompute_reference_logps"):
-        DPOObjective(None)(model, batch)
+        DPOObjective(None).loss(model, batch)
 
 
 def test_every_method_trains_full_and_improves_its_loss(tokenizer, tmp_path):
@@ -68,12 +68,12 @@ def test_every_method_trains_full_and_improves_its_loss(tokenizer, tmp_path):
                      "kto": lambda: KTOObjective(ref, beta=0.5), "orpo": lambda: ORPOObjective(lam=0.5)}[method]()
         batches = PreferenceBatches(ex, 4, tokenizer.pad_token_id, seed=0)
         fixed = batches.fixed(2)
-        before = sum(objective(model, b)[0].item() for b in fixed)
-        Trainer(model, objective, batches, config=TrainConfig(out_dir=str(tmp_path / method), max_steps=15, lr=3e-3,
+        before = sum(objective.loss(model, b)[0].item() for b in fixed)
+        Trainer(model, objective.loss, batches, config=TrainConfig(out_dir=str(tmp_path / method), max_steps=15, lr=3e-3,
                                                               progress=False, tensorboard=False, plot=False)).fit()
         after, metrics = 0.0, {}
         for b in fixed:
-            loss, metrics = objective(model, b)
+            loss, metrics = objective.loss(model, b)
             after += loss.item()
         assert after < before, method
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(metrics)
@@ -91,14 +91,14 @@ def test_lora_reference_is_the_adapter_free_model(tokenizer, tmp_path):
     ex = examples(tokenizer)
     batch = collate_pairs(ex[:4], tokenizer.pad_token_id)
     objective = DPOObjective(handle, beta=0.1)
-    loss, _ = objective(model, batch)
+    loss, _ = objective.loss(model, batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)          # LoRA starts as the identity
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    Trainer(model, objective, PreferenceBatches(ex, 4, tokenizer.pad_token_id),
+    Trainer(model, objective.loss, PreferenceBatches(ex, 4, tokenizer.pad_token_id),
             config=TrainConfig(out_dir=str(tmp_path), max_steps=10, lr=1e-2, progress=False, tensorboard=False,
                                plot=False)).fit()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)   # base frozen
-    loss_after, metrics = objective(model, batch)
+    loss_after, metrics = objective.loss(model, batch)
     assert loss_after.item() < math.log(2) and metrics["rewards/margins"] > 0
     with handle.disable():                                              # the reference is still the base model
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -118,11 +118,11 @@ def test_reward_model_scores_last_real_token_and_learns(tokenizer, tmp_path):
     assert torch.allclose(scores, alone, atol=1e-5)                     # padding never changes a score
     objective = RewardObjective()
     batches = PreferenceBatches(examples(tokenizer), 4, tokenizer.pad_token_id)
-    loss_before = sum(objective(model, b)[0].item() for b in batches.fixed())
-    Trainer(model, objective, batches, config=TrainConfig(out_dir=str(tmp_path), max_steps=30, lr=3e-3,
+    loss_before = sum(objective.loss(model, b)[0].item() for b in batches.fixed())
+    Trainer(model, objective.loss, batches, config=TrainConfig(out_dir=str(tmp_path), max_steps=30, lr=3e-3,
                                                           progress=False, tensorboard=False, plot=False)).fit()
-    accuracy = sum(objective(model, b)[1]["rewards/accuracies"] for b in batches.fixed()) / len(batches)
-    loss_after = sum(objective(model, b)[0].item() for b in batches.fixed())
+    accuracy = sum(objective.loss(model, b)[1]["rewards/accuracies"] for b in batches.fixed()) / len(batches)
+    loss_after = sum(objective.loss(model, b)[0].item() for b in batches.fixed())
     assert loss_after < loss_before and accuracy >= 0.75               # fits the 8 training pairs
 
 
@@ -150,8 +150,8 @@ def test_nll_coef_adds_alpha_times_the_length_normalised_chosen_nll(tokenizer):
                                      batch["loss_mask"][:b], "mean")                      # (B,)
         good = batch["desirable"].bool() if "desirable" in batch else torch.ones(b, dtype=torch.bool)
         nll = -mean_logps[good].mean().item()
-        plain, _ = make(0.0)(model, batch)
-        loss, metrics = make(0.5)(model, batch)
+        plain, _ = make(0.0).loss(model, batch)
+        loss, metrics = make(0.5).loss(model, batch)
         assert loss.item() == pytest.approx(plain.item() + 0.5 * nll, abs=1e-5)
         assert metrics["nll"] == pytest.approx(nll, abs=1e-5) and nll > 0
     assert plain.item() == pytest.approx(0.5, abs=1e-7)               # KTO at π = π_ref: 1 − σ(0)

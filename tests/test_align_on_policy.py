@@ -65,11 +65,11 @@ def test_demo_stage_runs_end_to_end_and_reports_every_figure(tmp_path):
     """A smoke run of the demo's stage (the figures themselves are checked in test_align_slow)."""
     from llmkit.align.demo_stage import run_demo_preference
     from llmkit.data.synthetic import CHARSET, SyntheticTasks
-    from llmkit.pretrain import save_model
+    from llmkit.jobs.artifacts import save_artifacts
     tok = train_char(texts=[CHARSET], special_tokens=("<pad>", "<|endoftext|>"), pad_token="<pad>")
     config = llmkit.get_preset("llama-tiny", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2,
                                n_kv_heads=1, d_ff=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_model(llmkit.build_model(config), tok, tmp_path / "sft")
+    save_artifacts(tmp_path / "sft", llmkit.build_model(config), tok, job="test")
     template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ eos_token }}{{ m['content'] }}="
                 "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     for method in ("dpo", "kto"):

@@ -48,7 +48,7 @@ def test_reward_model_on_minilm_beats_chance_on_held_out_hh_rlhf(tmp_path):
     test = PreferenceBatches(test_ex, 1, tokenizer.pad_token_id, shuffle=False)
     test_batches = [b for b in PreferenceBatches(test_ex, 16, tokenizer.pad_token_id, shuffle=False).fixed()]
     before = pairwise_accuracy(model, test_batches)
-    Trainer(model, RewardObjective(), train, config=TrainConfig(
+    Trainer(model, RewardObjective().loss, train, config=TrainConfig(
         out_dir=str(tmp_path), max_steps=125, lr=3e-5, warmup_steps=10, weight_decay=0.01, log_every=25,
         progress=False, tensorboard=False, plot=False, keep_last=1)).fit()
     after = pairwise_accuracy(model, test_batches)

@@ -15,7 +15,7 @@ def _recipe(tmp_path) -> str:
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     recipe = {
         "model": {"preset": "llama-tiny", "tokenizer": "char",
-                  "config": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}},
+                  "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64},
         "data": {"train": str(data), "dev": str(data), "columns": {"prompt": "question", "response": "answer"},
                  "max_len": 64, "batch_size": 8},
         "train": {"out_dir": str(tmp_path / "run"), "max_steps": 4, "lr": 3e-3, "progress": False,
@@ -51,7 +51,7 @@ def test_bad_input_ends_the_command_with_a_message_naming_the_column(tmp_path, c
 
 
 def test_help_lists_the_recipe_keys(capsys):
-    for command, keys in (("finetune", ["model.task", "data.packing", "data.on_empty_response", "eval.patience",
+    for command, keys in (("finetune", ["model.task", "data.packing", "data.on_empty_response", "train.patience",
                                         "forgetting.l2_init", "train.optimizer", "peft"]),
                           ("tune", ["search"]), ("eval", ["model=", "max_new_tokens"])):
         with pytest.raises(SystemExit) as done:

@@ -10,9 +10,9 @@ import torch
 
 from conftest import REPO, SHARED_DATA
 from llmkit.finetune import parse_finetune_recipe, run_finetune
-from llmkit.finetune.evaluate import EvalRecipe, run_eval
-from llmkit.finetune.models import load_finetuned
-from llmkit.finetune.runner import DevEvaluation
+from llmkit.finetune import EvalRecipe, run_eval
+from llmkit.finetune.tasks import load_task
+from llmkit.train import TrainConfig, Trainer
 
 WORDS = ["red", "blue", "tree", "sky", "road", "lamp", "milk", "door"]
 
@@ -33,13 +33,11 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
 def tiny_recipe(tmp_path, **sections) -> dict:
     recipe = {
         "model": {"preset": "bert-tiny", "tokenizer": "char", "task": "sequence_classification",
-                  "config": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
-                             "attn_dropout": 0.0}},
+                  "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0, "attn_dropout": 0.0},
         "data": {"train": sentiment_rows(160, 0), "dev": sentiment_rows(64, 1), "test": sentiment_rows(64, 2),
                  "columns": {"text": "sentence"}, "max_len": 32, "batch_size": 32},
         "train": {"out_dir": str(tmp_path / "run"), "lr": 3e-3, "max_steps": 40, "progress": False,
-                  "tensorboard": False, "plot": False, "log_every": 20, "keep_last": 1},
-        "eval": {"eval_every": 20},
+                  "tensorboard": False, "plot": False, "log_every": 20, "keep_last": 1, "eval_every": 20},
     }
     for name, values in sections.items():
         recipe[name] = {**recipe.get(name, {}), **values}
@@ -52,8 +50,8 @@ def test_sequence_classification_learns_saves_and_evaluates_the_same(tmp_path):
     assert summary["best_value"] == summary["dev"]["accuracy"] and summary["metric"] == "accuracy"
     assert len(summary["test_confusion_matrix"]) == 2
     folder = tmp_path / "run" / "model"
-    model, meta = load_finetuned(folder)
-    assert meta["task"] == "sequence_classification" and meta["labels"] == ["0", "1"]
+    task, model, _ = load_task(folder)
+    assert task.name == "sequence_classification" and task.labels.names == ["0", "1"]
     metrics = run_eval(EvalRecipe(model=str(folder), data=sentiment_rows(64, 2), columns={"text": "sentence"},
                                   max_len=32))
     assert metrics["accuracy"] == pytest.approx(summary["test"]["accuracy"])
@@ -62,21 +60,20 @@ def test_sequence_classification_learns_saves_and_evaluates_the_same(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_full_fine_tuning_updates_every_parameter_with_the_recipe_optimizer(tmp_path, optimizer):
-    recipe = tiny_recipe(tmp_path, train={"optimizer": optimizer, "max_steps": 2, "lr": 1e-2}, eval={"eval_every": 0})
+    recipe = tiny_recipe(tmp_path, train={"optimizer": optimizer, "max_steps": 2, "lr": 1e-2, "eval_every": 0})
     recipe["data"]["test"] = None
     parsed = parse_finetune_recipe(recipe)
-    from llmkit.finetune.models import build_finetune_model
     from llmkit.train import build_optimizer
     torch.manual_seed(0)
     summary = run_finetune(parsed, verbose=False)
     assert summary["steps"] == 2
-    model, _ = load_finetuned(tmp_path / "run" / "model")
+    task, model, _ = load_task(tmp_path / "run" / "model")
     assert all(p.requires_grad for p in model.parameters())
     assert type(build_optimizer(model, parsed.train)).__name__.lower() == optimizer
     # Same seed, same init: every tensor the data reaches moved away from its initial value.
     from llmkit.tokenizer import load_tokenizer
     torch.manual_seed(parsed.train.seed)
-    initial = build_finetune_model(parsed.model, load_tokenizer(tmp_path / "run" / "model"), 2)
+    initial = task.build_model(parsed.model, load_tokenizer(tmp_path / "run" / "model"))
     moved = [name for name, p in model.named_parameters()
              if not torch.equal(p, dict(initial.named_parameters())[name])]
     unchanged = {name for name, _ in model.named_parameters()} - set(moved)
@@ -84,36 +81,27 @@ def test_full_fine_tuning_updates_every_parameter_with_the_recipe_optimizer(tmp_
     assert "classifier.proj.weight" in moved and any(".attn" in n or "attention" in n for n in moved)
 
 
-class _FakeTrainer:
-    def __init__(self, model):
-        self.model, self.step, self.stopped = model, 0, False
-
-    def request_stop(self):
-        self.stopped = True
-
-
-def test_best_checkpoint_is_kept_and_early_stopping_follows_patience():
+def test_best_checkpoint_is_kept_and_early_stopping_follows_patience(tmp_path):
+    """The Trainer's selection: every 10 steps the evaluator scores, the best weights are kept and
+    restored at the end, and 2 evaluations without an improvement > min_delta stop the run."""
     model = torch.nn.Linear(2, 2)
     scores = iter([0.50, 0.70, 0.69, 0.71, 0.60, 0.65])
     weights_at = {}
 
-    def score():
+    def evaluator(m, data):
+        weights_at[len(weights_at) * 10 + 10] = m.weight.detach().clone()
         return {"accuracy": next(scores)}
 
-    callback = DevEvaluation(score, "accuracy", "max", every=10, patience=2, min_delta=0.005, verbose=False)
-    trainer = _FakeTrainer(model)
-    for step in range(10, 70, 10):
-        with torch.no_grad():
-            model.weight.fill_(step)
-        weights_at[step] = model.weight.clone()
-        trainer.step = step
-        callback.on_step_end(trainer, step, {})
-        if trainer.stopped:
-            break
+    def loss_fn(m, batch):
+        return (m(batch["x"]) ** 2).mean(), {}
+
+    config = TrainConfig(out_dir=str(tmp_path), max_steps=100, lr=0.1, eval_every=10, eval_metric="accuracy",
+                         patience=2, min_delta=0.005, progress=False, tensorboard=False, plot=False)
+    trainer = Trainer(model, loss_fn, [{"x": torch.ones(4, 2)}], val_data=[None], config=config, evaluator=evaluator)
+    result = trainer.fit()
     # 0.69 and 0.71 are within min_delta of 0.70 ... 0.71 beats 0.70 by 0.01 > 0.005: an improvement.
-    assert callback.best_step == 40 and callback.best_value == pytest.approx(0.71)
-    assert trainer.stopped and trainer.step == 60              # 0.60, 0.65: two evaluations without improvement
-    callback.restore_best(model)
+    assert result.best_step == 40 and result.best_value == pytest.approx(0.71)
+    assert result.status == "stopped" and result.step == 60     # 0.60, 0.65: two evaluations without improvement
     assert torch.equal(model.weight, weights_at[40])
 
 
@@ -134,9 +122,9 @@ def test_token_classification_learns_word_tags(tmp_path):
 
 def test_peft_recipe_section_trains_only_the_adapter_and_saves_it(tmp_path):
     recipe = tiny_recipe(tmp_path, peft={"method": "lora", "r": 4, "alpha": 8},
-                         train={"max_steps": 3}, eval={"eval_every": 0})
+                         train={"max_steps": 3, "eval_every": 0})
     recipe["model"] = {"preset": "llama-tiny", "tokenizer": "char", "task": "causal_lm",
-                       "config": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}}
+                       "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}
     recipe["data"] = {"train": [{"prompt": "ab", "response": "cd"}] * 8, "max_len": 64, "batch_size": 4}
     summary = run_finetune(parse_finetune_recipe(recipe), verbose=False)
     assert summary["steps"] == 3
@@ -161,7 +149,7 @@ def test_minilm_sst2_full_fine_tuning_reaches_80_percent(tmp_path):
     recipe["data"]["dev"]["path"] = str(SHARED_DATA / "sst2" / "dev.tsv")
     recipe["data"]["train_rows"] = 4000
     recipe["train"].update(out_dir=str(tmp_path / "run"), max_steps=125, warmup_steps=12, progress=False)
-    recipe["eval"]["eval_every"] = 50
+    recipe["train"]["eval_every"] = 50
     started = time.time()
     summary = run_finetune(parse_finetune_recipe(recipe), verbose=False)
     print(f"SST-2 dev accuracy {summary['dev']['accuracy']:.4f} in {time.time() - started:.0f} s")

@@ -16,7 +16,7 @@ PRETRAIN = [f"{a}*{b}={a * b}" for a in range(10) for b in range(10)]
 def _recipe(tmp_path, **forgetting) -> dict:
     return {
         "model": {"preset": "llama-tiny", "tokenizer": "char",
-                  "config": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}},
+                  "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64},
         "data": {"train": PAIRS, "max_len": 48, "batch_size": 8,
                  "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
         "train": {"out_dir": str(tmp_path / "run"), "max_steps": 6, "lr": 1e-2, "progress": False,

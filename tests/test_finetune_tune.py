@@ -11,7 +11,7 @@ from test_finetune_classification import tiny_recipe
 
 
 def _search_recipe(tmp_path, search: dict) -> dict:
-    recipe = tiny_recipe(tmp_path, train={"max_steps": 8}, eval={"eval_every": 4})
+    recipe = tiny_recipe(tmp_path, train={"max_steps": 8, "eval_every": 4})
     recipe["data"]["test"] = None
     recipe["search"] = search
     return recipe

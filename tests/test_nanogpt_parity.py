@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from llmkit.pretrain import build_model_from_section, make_tokenizer, parse_recipe
+from llmkit.pretrain import build_pretrain_model, parse_recipe, pretrain_tokenizer
 from llmkit.recipes import load_yaml
 from llmkit.train import lr_at, parameter_groups
 
@@ -39,13 +39,13 @@ def recipe():
 
 @pytest.fixture(scope="module")
 def tokenizer(recipe):
-    return make_tokenizer(recipe.data, str(TEXT))
+    return pretrain_tokenizer(recipe.data, str(TEXT))
 
 
 @pytest.fixture(scope="module")
 def model(recipe, tokenizer):
     torch.manual_seed(0)
-    return build_model_from_section(recipe.model, tokenizer)
+    return build_pretrain_model(recipe.model, tokenizer)
 
 
 def nanogpt_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
@@ -59,7 +59,7 @@ def nanogpt_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int)
 
 
 def test_initial_weights_follow_nanogpt_init(model, recipe):
-    n_layers = recipe.model["n_layers"]
+    n_layers = recipe.model.n_layers
     residual_std = 0.02 / math.sqrt(2 * n_layers)                  # 0.00707 for 4 layers
     seen = 0
     for name, param in model.named_parameters():

@@ -7,7 +7,7 @@ import torch
 import llmkit
 from llmkit.data.errors import DataError
 from llmkit.finetune.data import Row
-from llmkit.finetune.evaluate import evaluate_lm
+from llmkit.finetune.loops import heldout_perplexity
 from llmkit.finetune.sft import SFTBatches, encode_chat, encode_sft_rows, prompt_ids, sft_loss
 from llmkit.objectives.clm import IGNORE_INDEX
 from llmkit.tokenizer import load_tokenizer, train_bpe, train_char
@@ -150,7 +150,7 @@ def test_packing_gives_the_same_token_losses_as_padding():
     assert len(packed.items) < len(examples)                 # several examples share a row
     first = next(iter(packed.iter_once()))
     assert set(first) == {"input_ids", "targets", "position_ids", "doc_ids"} and first["input_ids"].shape[1] == 39
-    a, b = evaluate_lm(model, packed.iter_once()), evaluate_lm(model, padded.iter_once())
+    a, b = heldout_perplexity(model, packed.iter_once()), heldout_perplexity(model, padded.iter_once())
     assert a["tokens"] == b["tokens"] == sum(sum(ex.mask[1:]) for ex in examples)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 

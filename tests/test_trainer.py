@@ -192,14 +192,13 @@ class Recorder:
         self.log.append((self.name, "train_end", trainer.step))
 
 
-def test_callbacks_run_in_order_and_model_callbacks_are_picked_up(tmp_path):
+def test_callbacks_run_in_the_order_given(tmp_path):
     log = []
     model = tiny_model()
-    model.trainer_callbacks = [Recorder("model", log)]                # what a PEFT handle attaches
     partial = type("OnlyEnd", (), {"on_step_end": lambda self, t, s, m: log.append(("partial", "end", s))})()
     config = quiet_config(tmp_path, max_steps=4, grad_accum_steps=2, eval_every=2)
     Trainer(model, clm_loss, TokenBatches(4), val_data=[next(TokenBatches(4))], config=config,
-            callbacks=[Recorder("user", log), partial]).fit()
+            callbacks=[Recorder("model", log), Recorder("user", log), partial]).fit()
     expected = []
     for step in range(1, 5):
         for hook in ("start", "backward", "end") + (("eval",) if step % 2 == 0 else ()):

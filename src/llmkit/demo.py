@@ -26,7 +26,8 @@ import torch
 from .align.demo_stage import run_demo_preference
 from .data.synthetic import SyntheticTasks, exact_match
 from .generation import generate
-from .pretrain import parse_recipe, prepare_pretraining, save_model
+from .jobs.artifacts import save_artifacts
+from .pretrain import parse_recipe, prepare_pretraining
 
 # The SFT chat format matches the pretraining layout: every document starts after an EOS, the
 # question is followed by "=" and the answer ends with EOS ("<eos>Compute 12+7.=19<eos>").
@@ -66,7 +67,7 @@ def run_sft_stage(setup, out: Path, *, seed: int, questions: int, steps: int) ->
     """Instruction SFT of the pretrained model; exact match and held-out pretraining perplexity
     before and after."""
     from .finetune import parse_finetune_recipe, run_finetune
-    from .finetune.evaluate import evaluate_generation
+    from .finetune.loops import evaluate_generation
     from .finetune.forgetting import format_forgetting
     print("== stage 3: instruction SFT (loss on answer tokens only)")
     tasks = SyntheticTasks(seed=setup.recipe.data.seed)
@@ -81,9 +82,9 @@ def run_sft_stage(setup, out: Path, *, seed: int, questions: int, steps: int) ->
                  "chat_template": DEMO_CHAT_TEMPLATE},
         "train": {"out_dir": str(out / "sft"), "optimizer": "adamw", "lr": 1e-3, "min_lr": 1e-4,
                   "warmup_steps": max(1, steps // 10), "max_steps": steps, "weight_decay": 0.0,
-                  "betas": [0.9, 0.98], "log_every": 25, "keep_last": 1, "seed": seed, "precision": "bf16"},
-        "eval": {"metric": "exact_match", "eval_every": max(1, steps // 3), "generate": True, "max_new_tokens": 12,
-                 "generate_rows": questions},
+                  "betas": [0.9, 0.98], "log_every": 25, "keep_last": 1, "seed": seed, "precision": "bf16",
+                  "eval_metric": "exact_match", "eval_every": max(1, steps // 3)},
+        "eval": {"generate": True, "max_new_tokens": 12, "generate_rows": questions},
         "forgetting": {"heldout": tasks.pretraining_text(3000, split="test"), "block_size": 96, "batches": 10},
     })
     summary = run_finetune(recipe, verbose=False)
@@ -124,7 +125,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1500, seed: int = 0, quest
         print(f"  {example.prompt}{answer.strip():<10} [{mark}]")
 
     out = Path(out_dir)
-    save_model(setup.model, setup.tokenizer, out / "model")
+    save_artifacts(out / "model", setup.model, setup.tokenizer, job="pretrain", task="causal_lm")
     sft = run_sft_stage(setup, out, seed=seed, questions=questions, steps=sft_steps or max(20, steps // 5))
     print("== stage 4: preference alignment (DPO on the SFT model's own wrong answers)")
     align = run_demo_preference(out / "sft" / "model", out / "align", SyntheticTasks(seed=recipe.data.seed),

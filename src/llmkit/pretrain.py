@@ -15,34 +15,33 @@ TensorBoard events, `loss.png` and `checkpoints/`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .data import iter_texts
 from .data.images import shape_captions
 from .data.synthetic import SyntheticTasks
 from .generation import generate
-from .io import load_any, save_hf, save_llmkit
-from .io.errors import CheckpointError
-from .model import TASKS, build_model
+from .io import load_any
+from .jobs.artifacts import save_artifacts
+from .jobs.model_section import ModelSection, rename_from
+from .jobs.tokenizers import setup_tokenizer
+from .model import build_model
 from .objectives import make_objective
 from .objectives.base import build_once
-from .presets import get_preset
-from .recipes import RecipeError, build, coerce, to_yaml
-from .tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
+from .recipes import build, to_yaml
+from .tokenizer import Tokenizer, load_tokenizer
 from .train import TrainConfig, Trainer, load_model_tensors
 from .train.distributed import rank_and_world_size
 
 
 @dataclass
-class DataSection:
+class PretrainData:
     source: Any = "synthetic"          # path, list of paths/globs, or "synthetic" (llmkit.data.synthetic)
     text_field: str = "text"           # jsonl / datasets column
     split_lines: Union[bool, str] = False
@@ -67,8 +66,8 @@ class DataSection:
 
 @dataclass
 class PretrainRecipe:
-    model: dict = field(default_factory=lambda: {"preset": "gpt2-tiny"})
-    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset="gpt2-tiny"))
+    data: PretrainData = field(default_factory=PretrainData)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: Union[str, dict] = "clm"  # a name, or {name: weight, ...} for a weighted mix
     samples: int = 2                   # texts generated at the end, printed and saved
@@ -80,77 +79,24 @@ class PretrainRecipe:
 
 
 def parse_recipe(data: dict) -> PretrainRecipe:
-    recipe = build(PretrainRecipe, data)
-    check_model_section(recipe.model)
-    return recipe
+    return build(PretrainRecipe, rename_from(data))
 
 
-def check_model_section(section: dict) -> None:
-    """The model section is ModelConfig fields plus `preset` or `from`: check keys and types now,
-    before any data is tokenized."""
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in section.items():
-        if key in ("preset", "from"):
-            if not isinstance(value, str):
-                raise RecipeError(f"model.{key}={value!r}: expected str")
-            continue
-        if key not in hints:
-            close = difflib.get_close_matches(key, list(hints) + ["preset", "from"], n=1, cutoff=0.5)
-            raise RecipeError(f"unknown recipe key 'model.{key}'" + (f"; did you mean {close[0]!r}?" if close else ""))
-        coerce(hints[key], value, f"model.{key}")
-    if "from" not in section:  # build the config now (vocab comes later) so bad values fail early
-        try:
-            get_preset(section.get("preset", "gpt2-tiny"), **{k: v for k, v in section.items() if k != "preset"})
-        except (ConfigError, ValueError) as exc:
-            raise RecipeError(f"model: {exc}") from exc
+def pretrain_tokenizer(data: PretrainData, texts_source: Any, roles: Optional[dict] = None) -> Tokenizer:
+    return setup_tokenizer(data.tokenizer, lambda: iter_texts(texts_source, text_field=data.text_field,
+                                                              split_lines=data.split_lines),
+                           roles=roles, vocab_size=data.vocab_size, field="data.tokenizer")
 
 
-def make_tokenizer(data: DataSection, texts_source: Any, roles: Optional[dict] = None) -> Tokenizer:
-    """Train (char / bpe) or load the tokenizer; `roles` adds the special tokens an objective needs
-    (e.g. {"mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"} for BERT-style objectives)."""
-    roles = roles or {}
-    if data.tokenizer == "char":
-        texts = iter_texts(texts_source, text_field=data.text_field, split_lines=data.split_lines)
-        tokenizer = train_char(texts=list(texts), special_tokens=("<pad>", "<|endoftext|>", *roles.values()),
-                               pad_token="<pad>")
-    elif data.tokenizer == "bpe":
-        texts = iter_texts(texts_source, text_field=data.text_field, split_lines=data.split_lines)
-        tokenizer = train_bpe(texts=texts, vocab_size=data.vocab_size,
-                              special_tokens=("<|endoftext|>", "<pad>", *roles.values()), pad_token="<pad>")
-    else:
-        tokenizer = load_tokenizer(data.tokenizer)
-        missing = [f"{role}_token" for role in roles if getattr(tokenizer, f"{role}_token_id") is None]
-        if missing:
-            raise RecipeError(f"data.tokenizer={data.tokenizer!r} has no {', '.join(missing)}: expected the "
-                              "special tokens the objective needs")
-        return tokenizer
-    return Tokenizer(tokenizer.backend, {**tokenizer.special_tokens, **roles}) if roles else tokenizer
-
-
-def build_model_from_section(section: dict, tokenizer: Tokenizer, objective: Any = None,
-                             config: Optional[ModelConfig] = None):
-    """The model a recipe's `model` section (or a given `config`) describes, with the head the
-    objective trains."""
-    fields = {k: v for k, v in section.items() if k not in ("preset", "from")}
-    if "from" in section and config is None:
-        model = load_any(section["from"])
-        if fields:
-            raise RecipeError(f"model: fields {sorted(fields)} cannot change a checkpoint loaded with 'from'")
-        return model
-    fields.setdefault("vocab_size", tokenizer.vocab_size)
-    for name, token_id in (("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)):
-        fields.setdefault(name, token_id)
-    if config is None:
-        try:
-            config = get_preset(section.get("preset", "gpt2-tiny"), **fields)
-        except ConfigError as exc:
-            raise RecipeError(f"model: {exc}") from exc
-    if objective is not None and hasattr(objective, "build_model"):
+def build_pretrain_model(section: ModelSection, tokenizer: Tokenizer, objective: Any = None,
+                         config: Optional[ModelConfig] = None):
+    """The model the section (or a given `config`) describes, with the head the objective trains."""
+    if section.checkpoint is not None and config is None:
+        return load_any(section.checkpoint)
+    config = config or section.config(tokenizer)
+    if hasattr(objective, "build_model"):
         return objective.build_model(config)  # objectives with a model of their own (multimodal)
-    task = objective.task if objective is not None else "causal_lm"
-    if task not in TASKS:
-        raise RecipeError(f"objective needs model task {task!r}: expected one of {sorted(TASKS)}")
-    return build_model(config, task)
+    return build_model(config, objective.task if objective is not None else "causal_lm")
 
 
 @dataclass
@@ -188,14 +134,14 @@ def prepare_pretraining(recipe: PretrainRecipe) -> PretrainSetup:
     objective = make_objective(recipe.objective)
 
     def train_tokenizer():
-        make_tokenizer(data, tokenizer_texts, getattr(objective, "special_tokens", None)).save(tokenizer_dir)
+        pretrain_tokenizer(data, tokenizer_texts, getattr(objective, "special_tokens", None)).save(tokenizer_dir)
     build_once(rank, tokenizer_dir / "special_tokens_map.json", train_tokenizer)  # written last
     tokenizer = load_tokenizer(tokenizer_dir)
     made = objective.make_data(source, tokenizer, data, rank=rank, world_size=world, seed=recipe.train.seed,
                                eval_batches=recipe.train.eval_batches)
 
     torch.manual_seed(recipe.train.seed)
-    model = build_model_from_section(recipe.model, tokenizer, objective)
+    model = build_pretrain_model(recipe.model, tokenizer, objective)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
@@ -216,29 +162,16 @@ def run_pretrain(recipe: PretrainRecipe) -> dict:
     if setup.rank == 0:
         model = setup.model
         if recipe.train.distributed == "fsdp":  # the trained module is sharded: export the full
-            model = build_model_from_section({"preset": "gpt2-tiny"}, setup.tokenizer, setup.objective,
-                                             config=model.config)  # state rank 0 wrote at the end
+            model = build_pretrain_model(recipe.model, setup.tokenizer, setup.objective,
+                                         config=model.config)  # state rank 0 wrote at the end
             model.load_state_dict(load_model_tensors(result.checkpoint))
-        save_model(model, setup.tokenizer, setup.out_dir / "model")
+        save_artifacts(setup.out_dir / "model", model, setup.tokenizer, job="pretrain", task=setup.objective.task)
         if setup.objective.task == "causal_lm":
             summary["samples"] = write_samples(model, setup.tokenizer, recipe, setup.out_dir)
         compiled = f" (of which compiling {result.compile_seconds:.1f} s)" if recipe.train.compile else ""
         print(f"done: step {result.step}, val loss {result.val_loss}, {seconds:.0f} s{compiled}; "
               f"model in {setup.out_dir / 'model'}")
     return summary
-
-
-def save_model(model, tokenizer: Tokenizer, directory: Path) -> None:
-    """Hugging Face format when the family's layout holds the config, else llmkit's own; models an
-    objective builds itself (multimodal) save themselves."""
-    if hasattr(model, "save"):
-        model.save(directory)
-    else:
-        try:
-            save_hf(model, directory)
-        except CheckpointError:
-            save_llmkit(model, directory)
-    tokenizer.save(directory)
 
 
 def write_samples(model, tokenizer: Tokenizer, recipe: PretrainRecipe, out: Path) -> list[str]:

@@ -67,6 +67,11 @@ class Tokenizer:
         self.special_ids: set[int] = {i for i, tok in added.items() if tok.special}
         self.special_ids |= {getattr(self, f"{r}_token_id") for r in self.special_tokens}
 
+    @property
+    def pad_id(self) -> int:
+        """The id batches pad with: the pad token, else EOS (padding is masked out), else 0."""
+        return next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
+
     def _register_role_tokens(self) -> None:
         """Make every role token a special added token, as HF does, so that it is never split,
         gets an id even when absent from the vocabulary, and is dropped by skip_special_tokens."""

@@ -3,7 +3,7 @@
     from llmkit.align import DPOObjective, frozen_copy, tokenize_rows, normalize_rows, PreferenceBatches
     examples = tokenize_rows(normalize_rows(rows), tokenizer, max_length=256)
     batches = PreferenceBatches(examples, batch_size=8, pad_id=tokenizer.pad_token_id)
-    Trainer(model, DPOObjective(frozen_copy(model), beta=0.1), batches, config=...).fit()
+    Trainer(model, DPOObjective(frozen_copy(model), beta=0.1).loss, batches, config=...).fit()
 
 logps.py: `sequence_logps` (log π(y|x) from logits) and its head-on-completions-only forward;
 losses.py: the pure loss formulas; data.py: rows, tokenizing, batches; objectives.py: the
@@ -14,14 +14,14 @@ from .data import (PreferenceBatches, collate_pairs, collate_unpaired, normalize
                    split_dialogue, to_unpaired, tokenize_rows, truncate)
 from .logps import causal_lm_logps, mean_token_kl, sequence_logps, token_logps
 from .losses import dpo_loss, ipo_loss, kto_loss, log1mexp, orpo_loss, preference_metrics, reward_loss
-from .objectives import (METHODS, DPOObjective, IPOObjective, KTOObjective, ORPOObjective, RewardObjective,
-                         frozen_copy, make_objective, precompute_reference_logps, reward_model_from)
+from .objectives import (ALIGN_METHODS, DPOObjective, IPOObjective, KTOObjective, ORPOObjective, RewardObjective,
+                         frozen_copy, make_alignment_objective, precompute_reference_logps, reward_model_from)
 
 __all__ = ["PreferenceBatches", "collate_pairs", "collate_unpaired", "normalize_row", "normalize_rows", "read_rows",
            "split_dialogue", "to_unpaired", "tokenize_rows", "truncate", "causal_lm_logps", "mean_token_kl",
            "sequence_logps", "token_logps", "dpo_loss", "ipo_loss", "kto_loss", "log1mexp", "orpo_loss",
-           "preference_metrics", "reward_loss", "METHODS", "DPOObjective", "IPOObjective", "KTOObjective",
-           "ORPOObjective", "RewardObjective", "frozen_copy", "make_objective", "precompute_reference_logps",
+           "preference_metrics", "reward_loss", "ALIGN_METHODS", "DPOObjective", "IPOObjective", "KTOObjective",
+           "ORPOObjective", "RewardObjective", "frozen_copy", "make_alignment_objective", "precompute_reference_logps",
            "reward_model_from", "AlignRecipe", "run_align", "preference_stage", "on_policy_pairs", "complete"]
 
 

@@ -27,13 +27,13 @@ Choices, and why:
 """
 from __future__ import annotations
 
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..data.epochs import EpochBatches
 from ..data.errors import DataError
 from ..data.readers import read_records
 
@@ -266,49 +266,22 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return collate_unpaired(examples, pad_id) if "completion_ids" in examples[0] else collate_pairs(examples, pad_id)
 
 
-class PreferenceBatches:
-    """Endless shuffled epochs of collated batches (seeded, resumable: state_dict/load_state_dict).
+class PreferenceBatches(EpochBatches):
+    """Endless shuffled epochs of full collated batches (seeded, resumable; see llmkit.data.epochs).
 
     drop_last keeps every batch the same size (KTO's z_ref and the Trainer's accumulation rely on it)."""
 
     def __init__(self, examples: Sequence[dict], batch_size: int, pad_id: int, *, seed: int = 0,
                  shuffle: bool = True, collate_fn: Callable = collate):
-        if batch_size < 1 or batch_size > len(examples):
-            raise DataError(f"batch_size={batch_size}: expected 1 <= batch_size <= {len(examples)} examples")
-        self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
-        self.seed, self.shuffle, self.collate_fn = seed, shuffle, collate_fn
-        self.epoch, self.position = 0, 0
-        if "completion_ids" in self.examples[0] and batch_size < 2:
-            collate_unpaired(self.examples[:1], pad_id)          # raises the KTO batch-size error
+        super().__init__(list(examples), batch_size, shuffle=shuffle, seed=seed, drop_last=True)
+        self.pad_id, self.collate_fn = pad_id, collate_fn
+        if "completion_ids" in self.items[0] and batch_size < 2:
+            collate_unpaired(self.items[:1], pad_id)              # raises the KTO batch-size error
 
-    def __len__(self) -> int:
-        return len(self.examples) // self.batch_size
-
-    def _order(self) -> list[int]:
-        order = list(range(len(self.examples)))
-        if self.shuffle:
-            random.Random(f"{self.seed}|{self.epoch}").shuffle(order)
-        return order
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position >= len(self):
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()
-        start = self.position * self.batch_size
-        self.position += 1
-        return self.collate_fn([self.examples[i] for i in order[start:start + self.batch_size]], self.pad_id)
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        return self.collate_fn(items, self.pad_id)
 
     def fixed(self, n_batches: Optional[int] = None) -> list[dict[str, torch.Tensor]]:
         """The first n batches in order (no shuffle): for evaluation."""
-        n = len(self) if n_batches is None else min(n_batches, len(self))
-        return [self.collate_fn(self.examples[i * self.batch_size:(i + 1) * self.batch_size], self.pad_id)
-                for i in range(n)]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        batches = list(self.iter_once())
+        return batches if n_batches is None else batches[:n_batches]

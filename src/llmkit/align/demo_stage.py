@@ -27,7 +27,7 @@ import torch
 from ..train import TrainConfig, Trainer
 from .data import PreferenceBatches, _sequences, normalize_rows, to_unpaired, tokenize_rows
 from .logps import mean_token_kl
-from .objectives import frozen_copy, make_objective
+from .objectives import frozen_copy, make_alignment_objective
 from .on_policy import on_policy_pairs
 
 # Chosen on the slow test's model (tests/test_align_slow.py has the figures). Without the NLL term
@@ -97,7 +97,7 @@ def preference_stage(model, tokenizer, tasks, method: str = "dpo", steps: int = 
         raise ValueError(f"method={method!r}: expected one of {sorted(DEFAULT_OPTIONS)}")
     start = time.time()
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_id
     prefix = [eos] if chat_template is None else []          # a rendered template writes its own EOS
     token_args = dict(max_length=max_length, prefix_ids=prefix)
     gen_args = dict(prefix_ids=prefix, max_new_tokens=max_new_tokens)
@@ -123,14 +123,14 @@ def preference_stage(model, tokenizer, tasks, method: str = "dpo", steps: int = 
                                  for q in test_questions], tokenizer, **token_args)
 
     reference = frozen_copy(model)
-    objective = make_objective(method, reference if method != "orpo" else None,
-                               **{**DEFAULT_OPTIONS[method], **(options or {})})
+    objective = make_alignment_objective(method, reference if method != "orpo" else None,
+                                         **{**DEFAULT_OPTIONS[method], **(options or {})})
     log = _MetricLog()
     config = TrainConfig(out_dir=str(Path(out_dir)), max_steps=steps, lr=lr, min_lr=lr / 10,
                          warmup_steps=min(10, steps // 10), betas=(0.9, 0.95), weight_decay=0.0, eval_every=0,
                          log_every=max(1, steps // 10), seed=seed, progress=False, tensorboard=False, plot=False,
                          keep_last=1)
-    trainer = Trainer(model, objective, train, val_data=val, config=config, callbacks=[log])
+    trainer = Trainer(model, objective.loss, train, val_data=val, config=config, callbacks=[log])
     val_before = trainer.evaluate() if val else {}
     trainer.fit()
     val_after = trainer.evaluate() if val else {}
@@ -153,10 +153,9 @@ def run_demo_preference(model_dir, out_dir, tasks, *, method: str = "dpo", chat_
     """`llmkit demo`'s stage: load the SFT model from `model_dir`, run `preference_stage`, print the
     figures, save the aligned model (Hugging Face format + tokenizer) to out_dir/model and return the
     result. `options` go to preference_stage (steps, lr, prompts, ...)."""
-    from ..io import load_any
-    from ..pretrain import save_model
-    from ..tokenizer import load_tokenizer
-    model, tokenizer = load_any(model_dir), load_tokenizer(model_dir)
+    from ..jobs.artifacts import load_artifacts, save_artifacts
+    saved = load_artifacts(model_dir)
+    model, tokenizer = saved.model, saved.tokenizer
     result = preference_stage(model, tokenizer, tasks, method, out_dir=str(out_dir), seed=seed,
                               chat_template=chat_template, questions=questions, **options)
     margins, pairs = result["rewards/margins"], result["pairs"]
@@ -165,5 +164,5 @@ def run_demo_preference(model_dir, out_dir, tasks, *, method: str = "dpo", chat_
           f"{result['after']['exact_match']:.1%}; rewards/margins {margins['train_first']:.3f} -> "
           f"{margins['train_last']:.3f} in training, {margins['held_out_before']} -> {margins['held_out_after']} "
           f"held out; KL to the SFT model {result['kl']:.4f} a token  [{result['seconds']:.0f} s]")
-    save_model(model, tokenizer, Path(out_dir) / "model")
+    save_artifacts(Path(out_dir) / "model", model, tokenizer, job="align", task="causal_lm")
     return result

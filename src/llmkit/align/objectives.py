@@ -1,4 +1,4 @@
-"""One objective per method: `loss, metrics = objective(model, batch)` for `llmkit.train.Trainer`.
+"""One objective per method: `loss, metrics = objective.loss(model, batch)` for `llmkit.train.Trainer`.
 
 Batches come from `align.data` (`collate_pairs` / `collate_unpaired`): paired methods see one
 concatenated batch (rows 0..B-1 chosen, B..2B-1 rejected) and run ONE forward of the policy over
@@ -116,7 +116,7 @@ class RewardObjective:
     def __init__(self, margin: float = 0.0, center_coef: float = 0.0):
         self.margin, self.center_coef = margin, center_coef
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         scores = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()   # (2B,)
         if scores.dim() != 1:
             raise ValueError(f"RewardObjective: the model returned scores of shape {tuple(scores.shape)}: expected "
@@ -159,7 +159,7 @@ class DPOObjective(_ReferenceMixin):
         return dpo_loss(pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing,
                         loss_type=self.loss_type)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         b = ids.shape[0] // 2
         logps, counts = causal_lm_logps(model, ids, am, lm, "sum", return_counts=True)   # (2B,), (2B,)
@@ -202,7 +202,7 @@ class KTOObjective(_ReferenceMixin):
         self.beta, self.lambda_d, self.lambda_u = beta, lambda_d, lambda_u
         self.nll_coef = _check_nll_coef(nll_coef)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         if "desirable" not in batch:
             raise KeyError("KTOObjective: the batch has no 'desirable' labels: expected collate_unpaired batches "
                            "(paired rows are split with align.data.to_unpaired)")
@@ -232,7 +232,7 @@ class ORPOObjective:
     def __init__(self, *, lam: float = 0.1):
         self.lam = lam
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         b = ids.shape[0] // 2
         mean_logps = causal_lm_logps(model, ids, am, lm, "mean")                    # (2B,)
@@ -243,17 +243,17 @@ class ORPOObjective:
                       **preference_metrics(chosen_r, rejected_r, mean_logps[:b], mean_logps[b:])}
 
 
-METHODS = ("rm", "dpo", "ipo", "kto", "orpo")
+ALIGN_METHODS = ("rm", "dpo", "ipo", "kto", "orpo")
 
 
-def make_objective(method: str, reference: Any = None, **options) -> Any:
+def make_alignment_objective(method: str, reference: Any = None, **options) -> Any:
     """The objective for `method` with its options (beta, label_smoothing, loss_type, tau,
     length_normalize, nll_coef (dpo/ipo), lambda_d, lambda_u, lam, margin, center_coef)."""
     builders = {"rm": lambda: RewardObjective(**options), "dpo": lambda: DPOObjective(reference, **options),
                 "ipo": lambda: IPOObjective(reference, **options), "kto": lambda: KTOObjective(reference, **options),
                 "orpo": lambda: ORPOObjective(**options)}
     if method not in builders:
-        raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
+        raise ValueError(f"method={method!r}: expected one of {list(ALIGN_METHODS)}")
     try:
         return builders[method]()
     except TypeError as exc:

@@ -42,7 +42,7 @@ def complete(model, tokenizer, prompts: Sequence[str], *, prefix_ids: Sequence[i
 
     Prompts go in left-padded batches; each is prefix_ids + encode(prompt)."""
     stops = _stop_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad = tokenizer.pad_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

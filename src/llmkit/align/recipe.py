@@ -26,11 +26,15 @@ from typing import Any, Optional
 import torch
 
 from ..data.synthetic import SyntheticTasks
+from ..jobs.artifacts import load_artifacts, save_artifacts
+from ..jobs.model_section import ModelSection, rename_from
+from ..jobs.peft_block import apply_peft_block, check_peft_block
+from ..jobs.tokenizers import setup_tokenizer
+from ..model import build_model
 from ..recipes import RecipeError, build, to_yaml
-from ..tokenizer import load_tokenizer, train_char
 from ..train import TrainConfig, Trainer
 from .data import PreferenceBatches, normalize_rows, read_rows, to_unpaired, tokenize_rows
-from .objectives import METHODS, frozen_copy, make_objective, precompute_reference_logps, reward_model_from
+from .objectives import ALIGN_METHODS, frozen_copy, make_alignment_objective, precompute_reference_logps, reward_model_from
 
 
 @dataclass
@@ -60,26 +64,23 @@ class AlignRecipe:
     method: str = "dpo"
     options: dict = field(default_factory=dict)
     reference: str = "copy"
-    model: dict = field(default_factory=lambda: {"preset": "llama-tiny"})
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset="llama-tiny"))
     data: AlignData = field(default_factory=AlignData)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, max_steps=100))
     peft: Optional[dict] = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: expected one of {list(METHODS)}")
+        if self.method not in ALIGN_METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {list(ALIGN_METHODS)}")
         if self.reference not in ("copy", "precomputed"):
             raise ValueError(f"reference={self.reference!r}: expected 'copy' or 'precomputed'")
         if self.reference == "precomputed" and self.method not in ("dpo", "ipo"):
             raise ValueError(f"reference='precomputed' is for dpo and ipo, not method={self.method!r}")
-        if self.peft is not None and "method" not in self.peft:
-            raise ValueError(f"peft={self.peft!r}: expected a 'method' key (e.g. lora) plus its options")
-        if not isinstance(self.model, dict) or not ({"from", "preset"} & set(self.model)):
-            raise ValueError(f"model={self.model!r}: expected 'from: <checkpoint folder>' or 'preset: <name>'")
+        check_peft_block(self.peft)
 
 
 def parse_align_recipe(data: dict) -> AlignRecipe:
-    return build(AlignRecipe, data)
+    return build(AlignRecipe, rename_from(data))
 
 
 def _rows(data: AlignData) -> list[dict]:
@@ -90,36 +91,17 @@ def _rows(data: AlignData) -> list[dict]:
 
 
 def _model_and_tokenizer(recipe: AlignRecipe, texts: list[str]):
-    from ..io import load_any
-    from ..pretrain import build_model_from_section, check_model_section
     section = recipe.model
-    check_model_section(section)
-    if "from" in section:
-        model, tokenizer = load_any(section["from"]), load_tokenizer(section["from"])
+    if section.checkpoint is not None:
+        saved = load_artifacts(section.checkpoint)
+        model, tokenizer = saved.model, saved.tokenizer
     else:
-        tokenizer = train_char(texts=texts, special_tokens=("<pad>", "<|endoftext|>"), pad_token="<pad>")
+        tokenizer = setup_tokenizer("char", lambda: texts)
         torch.manual_seed(recipe.train.seed)
-        model = build_model_from_section(section, tokenizer)
+        model = build_model(section.config(tokenizer), "causal_lm")
     if recipe.method == "rm" and not hasattr(model, "value_head"):
         model = reward_model_from(model)
     return model, tokenizer
-
-
-def save_aligned(model, tokenizer, directory: Path) -> None:
-    """Policies: Hugging Face format (or llmkit's) + tokenizer. Reward models (ValueModel, which no HF
-    layout holds): every tensor in model.safetensors and the ModelConfig in reward_config.json."""
-    from ..pretrain import save_model
-    if not hasattr(model, "value_head"):
-        save_model(model, tokenizer, directory)
-        return
-    import dataclasses
-
-    from ..io.safetensors_files import atomic_write_text, write_tensors
-    directory.mkdir(parents=True, exist_ok=True)
-    write_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory, "2GB")
-    atomic_write_text(directory / "reward_config.json",
-                      json.dumps({"task": "reward", "config": dataclasses.asdict(model.config)}, indent=2, default=str))
-    tokenizer.save(directory)
 
 
 def run_align(recipe: AlignRecipe) -> dict:
@@ -132,18 +114,14 @@ def run_align(recipe: AlignRecipe) -> dict:
         rows = to_unpaired(rows)
     n_val = int(len(rows) * recipe.data.val_fraction)
     split = torch.randperm(len(rows), generator=torch.Generator().manual_seed(recipe.data.seed)).tolist()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_id
     d = recipe.data
     token_args = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, identical=d.identical,
                       prefix_ids=[tokenizer.eos_token_id] if d.prefix_eos else [])
     train_ex = tokenize_rows([rows[i] for i in split[n_val:]], tokenizer, **token_args)
     val_ex = tokenize_rows([rows[i] for i in split[:n_val]], tokenizer, **token_args) if n_val else []
 
-    handle = None
-    if recipe.peft is not None:
-        from .. import peft
-        options = {k: v for k, v in recipe.peft.items() if k != "method"}
-        handle = peft.apply(model, recipe.peft["method"], **options)
+    handle = apply_peft_block(model, recipe.peft)
     reference = None
     if recipe.method in ("dpo", "ipo", "kto"):
         reference = handle if handle is not None else frozen_copy(model)
@@ -152,7 +130,7 @@ def run_align(recipe: AlignRecipe) -> dict:
             val_ex = precompute_reference_logps(val_ex, model if handle else reference, pad, handle=handle)
             reference = None            # nothing kept: the batches carry the log-probs
     try:
-        objective = make_objective(recipe.method, reference, **recipe.options)
+        objective = make_alignment_objective(recipe.method, reference, **recipe.options)
     except ValueError as exc:
         raise RecipeError(f"options: {exc}") from exc
     train = PreferenceBatches(train_ex, d.batch_size, pad, seed=d.seed)
@@ -161,10 +139,10 @@ def run_align(recipe: AlignRecipe) -> dict:
     (out / "recipe.yaml").write_text(to_yaml(recipe))
     print(f"align {recipe.method}: {len(train_ex)} train / {len(val_ex)} val examples, "
           f"{model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable parameters")
-    result = Trainer(model, objective, train, val_data=val, config=recipe.train).fit()
-    if handle is not None and hasattr(handle, "merge_and_unload"):
-        model = handle.merge_and_unload()
-    save_aligned(model, tokenizer, out / "model")
+    loss_fn, callbacks = (handle.wrap_loss(objective.loss), handle.callbacks()) if handle else (objective.loss, [])
+    result = Trainer(model, loss_fn, train, val_data=val, config=recipe.train, callbacks=callbacks).fit()
+    save_artifacts(out / "model", model, tokenizer, job="align", handle=handle,
+                   task="reward" if recipe.method == "rm" else "causal_lm")
     summary = {"method": recipe.method, "status": result.status, "step": result.step, "train_loss": result.train_loss,
                "val_loss": result.val_loss, "metrics": {k: v for k, v in result.metrics.items()
                                                          if k.startswith(("rewards/", "logps/", "kl"))},

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..data.errors import DataError
 from ..objectives.clm import IGNORE_INDEX
 from ..tokenizer import Tokenizer
-from .batching import EpochBatches
+from ..data.epochs import EpochBatches
 from .data import LabelVocab, Row
 
 
@@ -80,7 +80,7 @@ def encode_token_rows(rows: list[Row], tokenizer: Tokenizer, vocab: LabelVocab, 
 
 
 class ClassificationBatches(EpochBatches):
-    """Seeded epochs of right-padded batches (see batching.EpochBatches)."""
+    """Seeded epochs of right-padded batches (see llmkit.data.epochs)."""
 
     def __init__(self, examples: list[ClassExample], batch_size: int, pad_token_id: int, *, shuffle: bool = True,
                  seed: int = 0, token_types: bool = False):

@@ -23,13 +23,13 @@ alone, so validation numbers stay comparable with and without them.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..objectives.clm import IGNORE_INDEX, clm_loss
-from ..train.distributed import move_to
+from ..objectives.clm import clm_loss
+from .loops import heldout_perplexity  # noqa: F401  (the measurement, re-exported)
 
 __all__ = ["L2ToInitial", "PairedBatches", "mixed_loss", "heldout_perplexity", "forgetting_report",
            "format_forgetting"]
@@ -179,53 +179,7 @@ def mixed_loss(task_loss_fn: LossFn, pretrain_loss_fn: LossFn = clm_loss, weight
     return loss_fn
 
 
-# ---- measuring ---------------------------------------------------------------------------------
-def scored_tokens(batch: dict) -> int:
-    """How many targets `clm_loss` scores in this batch (same three conventions, -100 ignored)."""
-    if batch.get("targets") is not None:
-        return int((batch["targets"] != IGNORE_INDEX).sum())
-    labels = batch.get("labels")
-    if labels is not None:
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
-    mask = batch.get("attention_mask")
-    labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def heldout_perplexity(model: nn.Module, batches: Iterable, max_batches: int = 50,
-                       loss_fn: Optional[LossFn] = None) -> dict:
-    """{"loss", "ppl", "tokens"}: token-weighted mean next-token cross-entropy over up to
-    `max_batches` batches, L = Σ_b n_b · L_b / Σ_b n_b with n_b the scored targets of batch b and L_b
-    its mean loss (clm_loss by default), and ppl = exp(L). Runs under no_grad in eval mode and puts
-    the model back in the mode it was in."""
-    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-        raise ValueError(f"max_batches={max_batches!r}: expected an int >= 1")
-    loss_fn = loss_fn or clm_loss
-    device = next(unwrap(model).parameters()).device
-    was_training = model.training
-    total, tokens, count = 0.0, 0, 0
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if count >= max_batches:
-                    break
-                batch = move_to(batch, device)
-                n = scored_tokens(batch)
-                if n:
-                    loss, _ = loss_fn(model, batch)
-                    total += float(loss) * n       # the batch's mean back to its sum
-                    tokens += n
-                count += 1
-    finally:
-        model.train(was_training)
-    if tokens == 0:
-        raise ValueError(f"heldout_perplexity: {count} batches held no scored target (all -100 or none "
-                         "given); expected held-out pretraining batches with input_ids and targets")
-    loss = total / tokens
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens}
-
-
+# ---- the report --------------------------------------------------------------------------------
 def forgetting_report(before: dict, after: dict) -> dict:
     """{"before", "after", "delta", "relative"} for loss and ppl; delta = after − before, relative =
     delta / before. A positive delta means the pretraining objective got worse: forgetting."""

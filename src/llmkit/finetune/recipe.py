@@ -1,10 +1,11 @@
 """`FinetuneRecipe`: the YAML schema of `llmkit finetune` / `llmkit eval` / `llmkit tune`.
 
-    model:      from: path/to/checkpoint (HF or llmkit) | preset: llama-tiny (+ config: {...})
-                task: causal_lm | sequence_classification | token_classification
+    model:      from: path/to/checkpoint (HF or llmkit) | preset: llama-tiny (+ ModelConfig fields)
+                task: causal_lm | sequence_classification | token_classification; tokenizer; pooling
     data:       train / dev / test sources, column mapping, max_len, packing, truncation policy
-    train:      any TrainConfig field (optimizer adam | adamw | sgd, lr, steps, schedule, ...)
-    eval:       the metric that picks the best checkpoint, its mode, eval_every, early stopping
+    train:      any TrainConfig field (optimizer, lr, steps, schedule, ...; eval_every, eval_metric,
+                keep_best, patience: the dev evaluation, best weights and early stopping)
+    eval:       SFT generation during evaluation (generate, max_new_tokens, generate_rows)
     forgetting: held-out pretraining text for the before/after report; pretraining mix; L2 to init
     search:     (optional) the hyperparameter search `llmkit tune` runs (llmkit.finetune.search)
     peft:       (optional) {method: lora, **options}: llmkit.peft.apply(model, method, **options)
@@ -17,42 +18,36 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..recipes import RecipeError, build
+from ..jobs.model_section import ModelSection, rename_from
+from ..jobs.peft_block import check_peft_block
+from ..recipes import build
 from ..train import TrainConfig
+from .tasks import FINETUNE_TASKS
 
-TASKS = ("causal_lm", "sequence_classification", "token_classification")
 FORMATS = ("auto", "prompt_response", "messages", "text_label", "tokens_tags")
 POOLINGS = ("auto", "cls", "mean", "last", "bert_pooler")
 
 
-def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+def _choice(section: str, name: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{section}.{name}={value!r}: expected one of {list(allowed)}")
 
 
 @dataclass
-class ModelSection:
-    checkpoint: Optional[str] = None     # a Hugging Face or llmkit folder, or package:NAME (the key `from` is an alias)
-    preset: Optional[str] = None         # or a preset, trained from scratch (with `config` overrides)
-    config: dict = field(default_factory=dict)
+class FinetuneModelSection(ModelSection):
     task: str = "causal_lm"
     tokenizer: Optional[str] = None      # default: the checkpoint folder; `char` trains one on the data
     pooling: str = "auto"                # sequence classification: auto = BERT pooler if the checkpoint
                                          # has one, else cls (encoders) / last (decoders)
 
     def __post_init__(self):
-        from ..io.packaged import resolve_checkpoint
-        if self.checkpoint is not None:
-            self.checkpoint = resolve_checkpoint(self.checkpoint)
-        _choice("model", "task", self.task, TASKS)
+        super().__post_init__()
+        _choice("model", "task", self.task, FINETUNE_TASKS)
         _choice("model", "pooling", self.pooling, POOLINGS)
-        if self.checkpoint is not None and self.config:
-            raise ValueError(f"model.config={self.config!r}: config overrides apply to a preset, not to a "
-                             "checkpoint loaded with `from`")
 
 
 @dataclass
-class DataSection:
+class FinetuneData:
     train: Any = None                    # a path (jsonl/json/csv/tsv, .gz), a list of row dicts,
     dev: Any = None                      # {hf: name_or_path, split: train, name: config} or an HF Dataset
     test: Any = None
@@ -90,29 +85,12 @@ class DataSection:
 
 
 @dataclass
-class EvalSection:
-    metric: str = "auto"                 # auto: accuracy (classification), loss (causal LM)
-    mode: str = "auto"                   # max | min; auto: min for loss/ppl, max otherwise
-    eval_every: int = 0                  # steps between dev evaluations; 0 = only at the end
-    patience: Optional[int] = None       # early stopping after this many evaluations without improvement
-    min_delta: float = 0.0               # an improvement must beat the best by more than this
-    keep_best: bool = True               # restore the best dev checkpoint before testing and saving
+class GenerationSection:
+    """SFT dev/test evaluation by greedy generation (the metric, its schedule, keep-best and early
+    stopping are `train.eval_metric`, `train.eval_every`, `train.keep_best`, `train.patience`)."""
     generate: bool = False               # causal LM: also greedy-generate and score exact match
     max_new_tokens: int = 32
     generate_rows: Optional[int] = 200   # rows scored by generation per evaluation (None: all)
-
-    def __post_init__(self):
-        _choice("eval", "mode", self.mode, ("auto", "max", "min"))
-        if self.eval_every < 0:
-            raise ValueError(f"eval.eval_every={self.eval_every!r}: expected a non-negative integer")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"eval.patience={self.patience!r}: expected a positive integer or null")
-
-    def resolved(self, task: str) -> tuple[str, str]:
-        """(metric, mode) with the `auto` choices made for `task`."""
-        metric = self.metric if self.metric != "auto" else ("loss" if task == "causal_lm" else "accuracy")
-        mode = self.mode if self.mode != "auto" else ("min" if metric in ("loss", "ppl") else "max")
-        return metric, mode
 
 
 @dataclass
@@ -136,10 +114,10 @@ class ForgettingSection:
 
 @dataclass
 class FinetuneRecipe:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    model: FinetuneModelSection = field(default_factory=lambda: FinetuneModelSection(preset="llama-tiny"))
+    data: FinetuneData = field(default_factory=FinetuneData)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/finetune"))
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: GenerationSection = field(default_factory=GenerationSection)
     forgetting: ForgettingSection = field(default_factory=ForgettingSection)
     epochs: Optional[float] = None       # passes over the training rows; sets train.max_steps when given
     search: Optional[dict] = None        # SearchConfig fields (llmkit.finetune.search)
@@ -148,28 +126,16 @@ class FinetuneRecipe:
 
     def __post_init__(self):
         _choice("recipe", "save", self.save, ("auto", "hf", "llmkit", "none"))
-        if (self.model.checkpoint is None) == (self.model.preset is None):
-            raise ValueError(f"model: from={self.model.checkpoint!r} preset={self.model.preset!r}: expected exactly "
-                             "one of them (a checkpoint folder to fine-tune, or a preset to train from scratch)")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs={self.epochs!r}: expected a positive number of passes (or null)")
         if self.data.train is None:
             raise ValueError("data.train=None: expected a training source (a path, rows or {hf: ...})")
-        if self.peft is not None and not isinstance(self.peft.get("method"), str):
-            raise ValueError(f"peft={self.peft!r}: expected a mapping with a `method` name (e.g. lora)")
+        check_peft_block(self.peft)
         if self.forgetting.mix_pretrain is not None and self.model.task != "causal_lm":
             raise ValueError("forgetting.mix_pretrain: mixing in pretraining text needs model.task=causal_lm, "
                              f"found {self.model.task!r}")
 
 
 def parse_finetune_recipe(data: dict) -> FinetuneRecipe:
-    """A mapping (YAML + overrides) -> FinetuneRecipe; `model.from` is accepted for `checkpoint`."""
-    data = dict(data)
-    model = data.get("model")
-    if isinstance(model, dict) and "from" in model:
-        model = dict(model)
-        if "checkpoint" in model:
-            raise RecipeError("model: give `from` or `checkpoint`, not both (they are the same key)")
-        model["checkpoint"] = model.pop("from")
-        data["model"] = model
-    return build(FinetuneRecipe, data)
+    """A mapping (YAML + overrides) -> FinetuneRecipe; `model.from` is the field `model.checkpoint`."""
+    return build(FinetuneRecipe, rename_from(data))

@@ -35,7 +35,7 @@ import torch
 from ..data.errors import DataError
 from ..objectives.clm import IGNORE_INDEX, clm_loss
 from ..tokenizer import Tokenizer
-from .batching import EpochBatches
+from ..data.epochs import EpochBatches
 from .data import Row
 
 __all__ = ["row_messages", "encode_chat", "encode_sft_rows", "SFTExample", "SFTBatches", "sft_loss",
@@ -138,7 +138,7 @@ def prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict], template: Optiona
     return example.ids[:start]
 
 
-def truncate(example: SFTExample, max_len: int, side: str) -> SFTExample:
+def truncate_example(example: SFTExample, max_len: int, side: str) -> SFTExample:
     if len(example.ids) <= max_len:
         return example
     cut = slice(0, max_len) if side == "right" else slice(len(example.ids) - max_len, None)
@@ -155,7 +155,7 @@ def encode_sft_rows(rows: list[Row], shape: str, tokenizer: Tokenizer, *, max_le
     examples, dropped = [], 0
     for row in rows:
         full = encode_chat(tokenizer, row_messages(row, shape, system_prompt), template, row.where)
-        cut = truncate(full, max_len, truncation)
+        cut = truncate_example(full, max_len, truncation)
         if not any(cut.mask[1:]):      # position 0 is never a target: it has no token before it
             if on_empty_response == "drop":
                 dropped += 1
@@ -189,7 +189,7 @@ def pack(examples: list[SFTExample], row_len: int) -> list[list[tuple[list[int],
 
 
 class SFTBatches(EpochBatches):
-    """Seeded epochs over SFT examples (see batching.EpochBatches).
+    """Seeded epochs over SFT examples (see llmkit.data.epochs).
 
     Padded (default): each batch is right-padded to its longest example, with "attention_mask".
     packing=True: examples are packed into rows of max_len - 1 tokens once (in a seeded order);

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..recipes import RecipeError
 from .recipe import parse_finetune_recipe
-from .runner import run_finetune, trial_metrics
+from .pipeline import run_finetune, trial_metrics
 
 
 def run_tune(data: dict, *, verbose: bool = False):

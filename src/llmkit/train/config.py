@@ -46,6 +46,12 @@ class TrainConfig:
     # ---- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 0               # steps between evaluations; 0 = only at the end
     eval_batches: int = 20            # batches averaged per evaluation
+    eval_metric: Optional[str] = None # select the best evaluation by this metric (loss, accuracy, ...);
+                                      # None: no selection (fine-tuning then uses its task's metric)
+    eval_mode: str = "auto"           # max | min; auto: min for loss / ppl, max otherwise
+    keep_best: bool = True            # with eval_metric: restore the best evaluation's weights at the end
+    patience: Optional[int] = None    # stop after this many evaluations without improvement
+    min_delta: float = 0.0            # an improvement must beat the best by more than this
     log_every: int = 10
     save_every: int = 0               # steps between checkpoints; 0 = only at the end / on interrupt
     keep_last: Optional[int] = 3      # complete checkpoints kept; None = all
@@ -88,6 +94,15 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("distributed", DISTRIBUTED)
         choice("device", DEVICES)
+        choice("eval_mode", ("auto", "max", "min"))
+        if self.eval_metric is not None and not isinstance(self.eval_metric, str):
+            fail("eval_metric", "a metric name (e.g. loss, accuracy) or None")
+        if self.patience is not None and (not is_int(self.patience) or self.patience < 1):
+            fail("patience", "a positive integer, or None for no early stopping")
+        if self.patience is not None and self.eval_metric is None:
+            fail("eval_metric", "a metric name: early stopping (patience) selects by it")
+        if not is_number(self.min_delta) or self.min_delta < 0:
+            fail("min_delta", "a non-negative float")
         for name in ("lr", "min_lr", "weight_decay", "momentum"):
             if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "a non-negative float")
@@ -112,7 +127,7 @@ class TrainConfig:
             fail("keep_last", "a positive integer, or None to keep every checkpoint")
         if not (isinstance(self.resume, bool) or (isinstance(self.resume, (str, Path)) and str(self.resume))):
             fail("resume", "False, True, 'auto', or the path of a checkpoint directory")
-        for name in ("tensorboard", "progress", "plot", "compile", "fused_optimizer"):
+        for name in ("tensorboard", "progress", "plot", "compile", "fused_optimizer", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
 

@@ -59,6 +59,9 @@ class TrainResult:
     checkpoint: Optional[Path] = None  # the last checkpoint written or resumed from
     metrics: dict = field(default_factory=dict)
     compile_seconds: float = 0.0       # time spent in torch.compile (train.compile), apart from the steps
+    best_step: Optional[int] = None    # the evaluation with the best eval_metric (config.eval_metric set)
+    best_value: Optional[float] = None
+    best_metrics: Optional[dict] = None
 
 
 def seed_everything(seed: int) -> None:
@@ -73,8 +76,13 @@ class Trainer:
     train_data: an iterator of batches (dicts of tensors); if it has state_dict()/load_state_dict()
         its position is checkpointed. A re-iterable (a list) is cycled in epochs.
     val_data: a callable returning a fresh iterable of batches, or a list of batches.
-    callbacks: objects with any of CALLBACK_HOOKS; `model.trainer_callbacks` (a PEFT method's per-step
-        hooks) are run first, so they cannot be forgotten.
+    evaluator: `evaluator(model, val_data) -> metrics` replaces the default evaluation (the mean of
+        loss_fn over eval_batches batches): a fine-tuning Task scores its whole dev set with it.
+    callbacks: objects with any of CALLBACK_HOOKS, passed explicitly (a PEFT handle's per-step hooks
+        come from `handle.callbacks()`).
+    Selection (config.eval_metric): after each evaluation the best value so far is tracked; with
+    keep_best its weights are kept in memory and restored at the end, and `patience` evaluations
+    without an improvement of more than min_delta stop the run early (status "stopped").
     Under torchrun, construct it on every rank; `loss_fn` receives the wrapped model (DDP or the
     FSDP2-sharded model). `trainer.model` is the bare module, except that FSDP2 shards it in place:
     after fit() its parameters are DTensors of a destroyed process group, so export from the final
@@ -82,13 +90,15 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, train_data: Iterable, *, val_data: Any = None,
-                 config: Optional[TrainConfig] = None, callbacks: Iterable = ()):
+                 config: Optional[TrainConfig] = None, callbacks: Iterable = (), evaluator: Optional[Callable] = None):
         self.config = config = config if config is not None else TrainConfig()
-        if val_data is not None and not callable(val_data) and not isinstance(val_data, (list, tuple)):
+        if (val_data is not None and evaluator is None and not callable(val_data)
+                and not isinstance(val_data, (list, tuple))):
             raise TypeError(f"val_data={type(val_data).__name__}: expected a callable returning an iterable "
                             "of batches, or a list of batches")
-        self.loss_fn, self.train_data, self.val_data = loss_fn, train_data, val_data
-        self.callbacks = list(getattr(model, "trainer_callbacks", None) or []) + list(callbacks)
+        self.loss_fn, self.train_data, self.val_data, self.evaluator = loss_fn, train_data, val_data, evaluator
+        self.callbacks = list(callbacks)
+        self.best = Selection(config)
         self.dist = dist_utils.setup(config.distributed, config.device)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.dist.is_main
@@ -125,7 +135,7 @@ class Trainer:
         self._resume()
         logger = RunLogger(self.out_dir, tensorboard=cfg.tensorboard, enabled=self.is_main)
         bar = ProgressBar(cfg.max_steps, initial=self.step, enabled=self.is_main and cfg.progress)
-        previous_handler = self._install_sigint()
+        previous_handlers = self._install_signals()
         if cfg.compile:
             self.compile_clock.start()
         status, val_loss, evaluated_at = "completed", None, None
@@ -158,20 +168,22 @@ class Trainer:
             if status != "completed" and self.is_main:
                 print(f"\n{status} at step {self.step}: checkpoint saved to {self.last_checkpoint}",
                       file=sys.stderr, flush=True)
+            self.best.restore(self.model)
             self._call("on_train_end")
         except TrainingDiverged:
             dist_utils.teardown(self.dist)   # every rank saw the same reduced loss: safe to sync
             raise
         finally:
             self.compile_clock.stop()
-            self._restore_sigint(previous_handler)
+            self._restore_signals(previous_handlers)
             bar.close()
             logger.close()
         if cfg.plot and self.is_main and logger.jsonl_path.is_file() and logger.jsonl_path.stat().st_size:
             plot_losses(logger.jsonl_path, self.out_dir / "loss.png")
         dist_utils.teardown(self.dist)
         return TrainResult(self.step, last.get("loss"), val_loss, status, self.last_checkpoint, last,
-                           compile_seconds=self.compile_clock.seconds)
+                           compile_seconds=self.compile_clock.seconds, best_step=self.best.step,
+                           best_value=self.best.value, best_metrics=self.best.metrics)
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict[str, float]:
@@ -260,6 +272,9 @@ class Trainer:
         Runs under a forked RNG, so evaluating never changes the training run that follows."""
         if self.val_data is None:
             raise ValueError("evaluate() needs val_data")
+        if self.evaluator is not None:
+            with _preserved_rng(self.device):
+                return self.evaluator(self.model, self.val_data)
         model = self.wrapped_model
         batches = self.val_data() if callable(self.val_data) else self.val_data
         sums: dict[str, float] = {}
@@ -288,9 +303,13 @@ class Trainer:
 
     def _evaluate_and_log(self, logger: RunLogger, step: int) -> float:
         metrics = self.evaluate()
-        logger.log(step, metrics, split="val")
+        logger.log(step, _scalars(metrics), split="val")
+        if self.best.update(step, metrics, self.model) and self.is_main:
+            print(f"\nearly stopping at step {step}: {self.best.bad_evals} evaluations without improvement",
+                  file=sys.stderr, flush=True)
+            self.request_stop()
         self._call("on_eval", step, metrics)
-        return metrics["loss"]
+        return metrics.get("loss")
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _save(self) -> Path:
@@ -354,10 +373,11 @@ class Trainer:
         flags = dist_utils.reduce_mean([float(self._interrupted), float(self._stop_requested)], self.dist, op="max")
         return "interrupted" if flags[0] else ("stopped" if flags[1] else None)
 
-    def _install_sigint(self):
-        """First Ctrl-C: finish the step, checkpoint, return "interrupted"; a second: KeyboardInterrupt.
-        Under torchrun the workers run in their own sessions: the agent catches the terminal's Ctrl-C,
-        sends each worker one SIGINT and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) before SIGKILL."""
+    def _install_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or `kill`'s stop): finish the step, checkpoint,
+        return "interrupted", so the run resumes where it stopped; a second signal aborts
+        (KeyboardInterrupt). Under torchrun the agent forwards one SIGINT/SIGTERM to each worker and
+        waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) before SIGKILL."""
         if threading.current_thread() is not threading.main_thread():
             return None
         self._interrupted = False
@@ -367,16 +387,57 @@ class Trainer:
                 raise KeyboardInterrupt
             self._interrupted = True
             if self.is_main:
-                print("\nCtrl-C: saving a checkpoint at the end of this step (press again to abort)",
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                print(f"\n{name}: saving a checkpoint at the end of this step (send it again to abort)",
                       file=sys.stderr, flush=True)
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, handler)
         return previous
 
     @staticmethod
-    def _restore_sigint(previous) -> None:
+    def _restore_signals(previous) -> None:
         if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class Selection:
+    """The best evaluation so far by config.eval_metric (mode max | min | auto: min for loss / ppl),
+    its weights (on the CPU, with keep_best) and the count of evaluations since it improved."""
+
+    def __init__(self, config: TrainConfig):
+        self.metric, self.keep, self.patience, self.min_delta = (config.eval_metric, config.keep_best,
+                                                                 config.patience, config.min_delta)
+        self.mode = config.eval_mode if config.eval_mode != "auto" else (
+            "min" if self.metric in ("loss", "ppl") else "max")
+        self.step = self.value = self.metrics = self.state = None
+        self.bad_evals = 0
+
+    def update(self, step: int, metrics: dict, model: nn.Module) -> bool:
+        """Record one evaluation; True when patience has run out."""
+        if self.metric is None:
+            return False
+        if self.metric not in metrics:
+            raise ValueError(f"TrainConfig.eval_metric={self.metric!r}: the evaluation gives "
+                             f"{sorted(_scalars(metrics))}")
+        value = float(metrics[self.metric])
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.value is None or sign * (value - self.value) > self.min_delta:
+            self.step, self.value, self.metrics, self.bad_evals = step, value, metrics, 0
+            if self.keep:
+                self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _window_summary(window: list[dict[str, float]]) -> dict[str, float]:
