@@ -143,6 +143,31 @@ def test_adalora_budget_falls_to_target_and_is_logged(tmp_path):
     assert logged[0] == 4 * n and logged[-1] == 2 * n
 
 
+def test_adalora_penalty_is_part_of_the_trainers_loss(tmp_path):
+    """handle.wrap_loss adds γ Σ (||P^T P - I||² + ||Q Q^T - I||²): the wrapped loss and the Trainer's
+    logged loss are the task loss + that penalty computed by hand, and its gradient reaches P and Q
+    (at init Λ = 0, so the task loss alone gives them none)."""
+    torch.manual_seed(0)
+    model = llmkit.build_model(llmkit.get_preset("llama-tiny"))
+    h = peft.apply(model, "adalora", r=4, orth_reg=0.3, targets=["q_proj", "v_proj"])
+    batch, adapters, eye = batches(1)[0], [a for _, _, a in h.adapter_modules()], torch.eye(4)
+    by_hand = 0.3 * sum(((a.lora_B.t() @ a.lora_B - eye) ** 2).sum() + ((a.lora_A @ a.lora_A.t() - eye) ** 2).sum()
+                        for a in adapters)
+    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    expected_grads = torch.autograd.grad(by_hand, factors)
+    task = clm_loss(model, batch)[0].item()
+    loss, metrics = h.wrap_loss(clm_loss)(model, batch)
+    assert loss.item() == pytest.approx(task + by_hand.item(), rel=1e-6)
+    assert metrics["penalty/adalora"].item() == pytest.approx(by_hand.item(), rel=1e-6)
+    loss.backward()
+    assert all(torch.allclose(t.grad, g, atol=1e-6) and g.abs().sum() > 0 for t, g in zip(factors, expected_grads))
+    model.zero_grad()
+    Trainer(model, h.wrap_loss(clm_loss), [batch], config=train_config(tmp_path, 1), callbacks=h.callbacks()).fit()
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["loss"] == pytest.approx(task + by_hand.item(), rel=1e-6)
+    assert logged["penalty/adalora"] == pytest.approx(by_hand.item(), rel=1e-6)
+
+
 # ---- LoRA-FA -----------------------------------------------------------------------------------
 
 def test_lora_fa_backward_matches_autograd_and_freezes_a():

@@ -60,13 +60,7 @@ class LlmkitModel(nn.Module):
         """Make output heads share the token embedding where the config asks for it."""
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)   # tied once
 
 
 class CausalLM(LlmkitModel):

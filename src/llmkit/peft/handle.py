@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,6 @@ from ..model.slots import AdapterSite, AdapterSlot
 from . import peft_format, serialization
 from .errors import PeftError
 from .layers import AdaptedLayer, SavedModule, set_submodule
-from .lora import LoraAdapter, LoraConfig, LoraEmbeddingAdapter
 from .registry import AdapterConfig, Method, get_method
 from .serialization import WEIGHTS_FILE, AdapterRecord
 from .targets import resolve_modules, select_targets, task_head
@@ -197,33 +197,23 @@ class PeftHandle:
     def add_weighted_adapter(self, weights: dict[str, float], name: str) -> None:
         """A new LoRA adapter with ΔW = sum_i w_i ΔW_i, exactly: A = [A'_1; ...; A'_n],
         B = [w_1 B'_1, ..., w_n B'_n] (rank sum r_i; B'_i carries adapter i's scale). Works across
-        layer methods, since every one factors as ΔW = B' A'."""
-        if name in self.adapters:
-            raise PeftError(f"adapter_name={name!r} already exists")
-        unknown = [n for n in weights if n not in self.adapters]
-        if unknown or not weights:
+        layer methods, since every one factors as ΔW = B' A'. The active adapters stay active."""
+        if not weights or any(n not in self.adapters for n in weights):
             raise PeftError(f"weights={weights!r}: expected adapter names from {list(self.adapters)}")
-        targets, ranks = [], {}
+        targets = {}
         with torch.no_grad():
             for module_name, layer in self.layers():
                 parts = [(w, layer.adapters[n].factors()) for n, w in weights.items() if n in layer.adapters]
-                if not parts:
-                    continue
-                B = torch.cat([w * b for w, (b, _) in parts], dim=1)                # (out, Σr)
-                A = torch.cat([a for _, (_, a) in parts], dim=0)                    # (Σr, in)
-                kind = LoraEmbeddingAdapter if layer.is_embedding else LoraAdapter
-                adapter = kind(A.shape[1], B.shape[0], A.shape[0], 1.0, device=A.device, dtype=A.dtype)
-                adapter.lora_A.copy_(A)
-                adapter.lora_B.copy_(B)
-                layer.adapters[name] = adapter
-                targets.append(module_name)
-                ranks[module_name] = A.shape[0]
+                if parts:
+                    targets[module_name] = {"lora_B": torch.cat([w * b for w, (b, _) in parts], dim=1),   # (out, Σr)
+                                            "lora_A": torch.cat([a for _, (_, a) in parts], dim=0)}    # (Σr, in)
         if not targets:
             raise PeftError(f"weights={weights!r}: none of these adapters sits on any layer")
-        r0 = max(ranks.values())
-        config = LoraConfig(r=r0, scale=1.0, targets=targets)    # the scales are folded into B
-        self.adapters[name] = AdapterInfo("lora", config, targets, [],
-                                          {k: v for k, v in ranks.items() if v != r0})
+        ranks = {m: t["lora_A"].shape[0] for m, t in targets.items()}
+        r0, active = max(ranks.values()), self.active
+        self.attach(AdapterRecord(name, "lora", {"r": r0, "scale": 1.0, "targets": list(targets)}, targets,
+                                  rank_pattern={m: r for m, r in ranks.items() if r != r0}))
+        self.set_active(active)
 
     # ---- merging -----------------------------------------------------------------------------
     def merge(self) -> None:
@@ -293,14 +283,8 @@ class PeftHandle:
 
     # ---- reporting, saving and loading -------------------------------------------------------
     def trainable_parameters(self) -> TrainableParameters:
-        seen, count, total = set(), 0, 0
-        for p in self.model.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            count += p.numel() if p.requires_grad else 0
-        return TrainableParameters(count, total)
+        params = list(self.model.parameters())                   # shared (tied) ones once
+        return TrainableParameters(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
     def expected_trainable(self, name: Optional[str] = None) -> int:
         """The closed-form count for adapter `name` (default: the active ones) + its saved modules."""
@@ -449,9 +433,7 @@ def _with_rank(config: AdapterConfig, rank: Optional[int]) -> AdapterConfig:
 
 
 def _tied_parameter_ids(model: nn.Module) -> set[int]:
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     return {k for k, v in counts.items() if v > 1}
 
 
