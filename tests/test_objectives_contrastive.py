@@ -175,10 +175,10 @@ def test_tokenization_pads_masks_and_truncates(tmp_path):
 
 
 def test_make_data_simcse_texts_with_perturbed_val_pairs():
-    from llmkit.pretrain import DataSection
+    from llmkit.pretrain import PretrainData
     texts = [f"sentence {i} is about {w} things" for i in range(30) for w in ("red", "blue")]
     tok = char_tokenizer(texts)
-    section = DataSection(batch_size=8, block_size=48, val_fraction=0.2)
+    section = PretrainData(batch_size=8, block_size=48, val_fraction=0.2)
     made = ContrastiveObjective().make_data(texts, tok, section, seed=0, eval_batches=2)
     assert next(made.train)["input_ids"].shape[:2] == (8, 1)                  # one view: dropout makes two
     val = list(made.val())

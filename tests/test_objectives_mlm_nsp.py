@@ -20,7 +20,7 @@ from llmkit.objectives.mlm import (MaskedLMObjective, MaskedWindowBatches, MaskV
                                    mask_tokens, mlm_loss)
 from llmkit.objectives.nsp import (BertObjective, NextSentenceBatches, NextSentenceObjective, SentenceCorpus,
                                    nsp_loss, pair_lengths, split_documents)
-from llmkit.pretrain import DataSection
+from llmkit.pretrain import PretrainData
 from llmkit.presets import get_preset
 from llmkit.tokenizer import Tokenizer, train_bpe, train_char
 
@@ -287,7 +287,7 @@ def test_nsp_batches_resume(text, tok):
 
 # ---- through make_data (what `llmkit pretrain` calls) ------------------------------------------
 def test_make_data_and_a_training_step(text, tok, tmp_path):
-    data = DataSection(source=[text[:40_000]], block_size=48, batch_size=8, cache_dir=str(tmp_path / "cache"))
+    data = PretrainData(source=[text[:40_000]], block_size=48, batch_size=8, cache_dir=str(tmp_path / "cache"))
     config = get_preset("bert-tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
     for objective in (MaskedLMObjective(), NextSentenceObjective(), BertObjective(),
                       WeightedMix({"mlm": MaskedLMObjective(), "nsp": NextSentenceObjective()}, {"mlm": 1, "nsp": 1})):
@@ -307,7 +307,7 @@ def test_no_mask_token_is_named(text):
     plain = char_tokenizer([text[:1000]], roles={"cls": "[CLS]", "sep": "[SEP]"})
     with pytest.raises(ValueError, match="tokenizer has no mask_token"):
         mask_tokens(torch.zeros(1, 4, dtype=torch.long), plain, generator=torch.Generator())
-    data = DataSection(source=[text[:5000]], block_size=32, batch_size=4)
+    data = PretrainData(source=[text[:5000]], block_size=32, batch_size=4)
     for objective in (MaskedLMObjective(), BertObjective()):
         with pytest.raises(ValueError, match="mask_token"):
             objective.make_data(data.source, plain, data)
@@ -321,7 +321,7 @@ def test_too_short_for_nsp_is_named(texts, counts):
     tok = char_tokenizer(texts)
     with pytest.raises(ValueError, match=rf"too short to make NSP pairs: {counts}"):
         SentenceCorpus.from_texts(texts, tok, "mine")
-    data = DataSection(source=texts, block_size=32, batch_size=4, val_fraction=0.0)
+    data = PretrainData(source=texts, block_size=32, batch_size=4, val_fraction=0.0)
     with pytest.raises(ValueError, match=r"list of 1 strings \(train split\) is too short"):
         NextSentenceObjective().make_data(data.source, tok, data)
 
@@ -363,7 +363,7 @@ def test_bert_pretraining_learns_on_tinyshakespeare(tmp_path):
     try:
         text = SHAKESPEARE.read_text(encoding="utf-8")
         tok = char_tokenizer([text])
-        data = DataSection(source=str(SHAKESPEARE), block_size=64, batch_size=32, cache_dir=str(tmp_path))
+        data = PretrainData(source=str(SHAKESPEARE), block_size=64, batch_size=32, cache_dir=str(tmp_path))
         objective = BertObjective()
         made = objective.make_data(data.source, tok, data, seed=0, eval_batches=10)
         config = get_preset("bert-tiny", vocab_size=tok.vocab_size, d_model=128, n_layers=2, n_heads=4, d_ff=512,

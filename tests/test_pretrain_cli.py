@@ -111,3 +111,33 @@ def test_objective_options_and_mixes_from_a_recipe():
         make_objective({"dae": {"ratio": 0.3}})
     with pytest.raises(ValueError, match="different models"):
         make_objective({"clm": 1.0, "mlm": 1.0})
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_there(tmp_path):
+    """What a scheduler or `kill` sends: the run finishes its step, checkpoints, exits 0 like Ctrl-C."""
+    import signal
+    import time
+    from llmkit.train.checkpoint import find_latest
+    out = tmp_path / "run"
+    words = ["pretrain", str(REPO / "recipes" / "synthetic_tiny.yaml"), f"train.out_dir={out}", "train.log_every=1",
+             "train.progress=false", "train.tensorboard=false", "train.plot=false", "data.synthetic_examples=2000",
+             "samples=0", "model.n_layers=1", "model.d_model=32", "model.d_ff=64"]
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit.cli", *words, "train.max_steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    try:
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.time() < deadline, "the run never logged 3 steps"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert "SIGTERM: saving a checkpoint" in stderr.decode() and "interrupted at step" in stderr.decode()
+    step = int(find_latest(out).name.split("_")[-1])
+    assert step >= 3
+    assert main([*words, f"train.max_steps={step + 2}", "train.resume=true"]) == 0
+    assert find_latest(out).name == f"step_{step + 2:07d}"

@@ -2,7 +2,7 @@
 
     from llmkit.align import DPOObjective, frozen_copy, tokenize_rows, normalize_rows, PreferenceBatches
     examples = tokenize_rows(normalize_rows(rows), tokenizer, max_length=256)
-    batches = PreferenceBatches(examples, batch_size=8, pad_id=tokenizer.pad_token_id)
+    batches = PreferenceBatches(examples, batch_size=8, pad_id=tokenizer.pad_id)
     Trainer(model, DPOObjective(frozen_copy(model), beta=0.1).loss, batches, config=...).fit()
 
 logps.py: `sequence_logps` (log π(y|x) from logits) and its head-on-completions-only forward;

@@ -24,12 +24,12 @@ with the same doc_id stops attention crossing documents (built by the model side
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from .epochs import EpochBatches
 from .errors import DataError
 
 __all__ = ["RandomWindowBatches", "PackedBatches", "as_token_array", "make_batch"]
@@ -175,12 +175,11 @@ class RandomWindowBatches(StepBatches):
         return self._batch(_gather(self.tokens, self.offsets(step), self.block_size + 1))
 
 
-class PackedBatches(_Batches):
+class PackedBatches(_Batches, EpochBatches):
     """Epochs over consecutive blocks: block i is tokens[i*T : i*T + T + 1] (T = block_size), so
     neighbouring blocks share one token and every token after the first is a label exactly once per
-    epoch. Each epoch visits the blocks in an order shuffled by (seed, epoch) (or in order with
-    shuffle=False); each step takes the next `batch_size` blocks of that order. Iterating is endless
-    (epoch after epoch); `iter_once()` gives one finite pass, for validation.
+    epoch. The epochs are llmkit.data.epochs' (an order shuffled by (seed, epoch), or in order with
+    shuffle=False; each step takes the next `batch_size` blocks); `iter_once()` gives one pass.
 
     drop_last=True skips the epoch's final partial batch; with drop_last=False it is yielded, and
     under world_size > 1 its rows are split r::world_size, so a rank may get fewer rows (even none,
@@ -194,50 +193,27 @@ class PackedBatches(_Batches):
                  eos_token_id: int | None = None):
         self._setup(batch_size, block_size, seed, rank, world_size, reset_positions_at_eos, eos_token_id)
         self.tokens = as_token_array(tokens)
-        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.num_blocks = max(len(self.tokens) - 1, 0) // self.block_size
         if self.num_blocks == 0:
             raise DataError(f"block_size={block_size} needs at least {block_size + 1} tokens (inputs plus the "
                             f"next-token label), but the data has {len(self.tokens)}")
-        if self.drop_last and self.num_blocks < self.batch_size:
+        if drop_last and self.num_blocks < self.batch_size:
             raise DataError(f"the data holds {self.num_blocks} blocks of block_size={block_size}, fewer than "
                             f"batch_size={batch_size}: no full batch; lower batch_size or block_size, or pass "
                             "drop_last=False")
-        self.epoch, self.position = 0, 0
-        self._order_epoch, self._order = None, None
+        EpochBatches.__init__(self, range(self.num_blocks), self.batch_size, shuffle=bool(shuffle), seed=self.seed,
+                              drop_last=bool(drop_last))
 
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return self.num_blocks // self.batch_size if self.drop_last else math.ceil(self.num_blocks / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Block indices in the order epoch `epoch` visits them."""
-        if self._order_epoch != epoch:
-            self._order = (np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_blocks)
-                           if self.shuffle else np.arange(self.num_blocks))
-            self._order_epoch = epoch
-        return self._order
-
-    def _end(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else self.num_blocks
-
-    def _global(self, epoch: int, position: int) -> np.ndarray:
-        blocks = self.order(epoch)[position:position + self.batch_size]
-        return _gather(self.tokens, blocks * self.block_size, self.block_size + 1)
-
-    def __next__(self) -> dict:
-        if self.position >= self._end():
-            self.epoch, self.position = self.epoch + 1, 0
-        windows = self._global(self.epoch, self.position)
-        self.position += len(windows)
+    def collate(self, blocks: list) -> dict:
+        windows = _gather(self.tokens, np.asarray(blocks, dtype=np.int64) * self.block_size, self.block_size + 1)
         return self._batch(windows)
 
     def iter_once(self, epoch: int | None = None) -> Iterator[dict]:
         """One full pass over epoch `epoch` (default: the current one), from its start; the
         loader's own state is not touched."""
-        epoch = self.epoch if epoch is None else epoch
+        order = self._order(self.epoch if epoch is None else epoch)
         for position in range(0, self._end(), self.batch_size):
-            yield self._batch(self._global(epoch, position))
+            yield self.collate(order[position:position + self.batch_size])
 
     def state_dict(self) -> dict:
         return {"type": type(self).__name__, "epoch": self.epoch, "position": self.position, **self._config()}

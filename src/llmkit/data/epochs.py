@@ -16,12 +16,12 @@ from .errors import DataError
 
 
 class EpochBatches:
-    def __init__(self, items: list, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(self, items, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
         if not items:
             raise DataError(f"{type(self).__name__}: no examples")
         if drop_last and not 1 <= batch_size <= len(items):
             raise DataError(f"batch_size={batch_size}: expected 1 <= batch_size <= {len(items)} examples")
-        self.items, self.batch_size, self.shuffle, self.seed = list(items), batch_size, shuffle, seed
+        self.items, self.batch_size, self.shuffle, self.seed = items, batch_size, shuffle, seed
         self.drop_last = drop_last
         self.epoch, self.position = 0, 0            # position: items of this epoch already served
 
@@ -38,10 +38,12 @@ class EpochBatches:
         return len(self) * self.batch_size if self.drop_last else len(self.items)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        if self.shuffle:
-            random.Random(f"{self.seed}|{epoch}").shuffle(order)
-        return order
+        if getattr(self, "_cached", (None,))[0] != epoch:      # one shuffle per epoch, not per batch
+            order = list(range(len(self.items)))
+            if self.shuffle:
+                random.Random(f"{self.seed}|{epoch}").shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
 
     def __iter__(self):
         return self

@@ -137,7 +137,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, pooling: str = "mean
     model.eval()
     ids = encode_truncated(tokenizer, list(texts), block_size)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = tokenizer.pad_id
     device = next(model.parameters()).device
     out = [None] * len(ids)
     try:

@@ -205,7 +205,7 @@ def encode_truncated(tokenizer, texts: list, block_size: int) -> list:
     for ids in tokenizer.encode_batch(list(texts)):
         if len(ids) > block_size:
             ids = ids[:block_size - 1] + ids[-1:] if ids[-1] in special and block_size > 1 else ids[:block_size]
-        out.append(ids or [tokenizer.pad_token_id or 0])
+        out.append(ids or [tokenizer.pad_id])
     return out
 
 
@@ -221,7 +221,7 @@ class ContrastiveBatches(StepBatches):
         if len(examples) < 2:
             raise DataError(f"contrastive data: {len(examples)} example(s); expected at least 2")
         self.examples, self.tokenizer, self.negatives = examples, tokenizer, bool(negatives)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = tokenizer.pad_id
         self.step = 0
         if examples.labels is not None:
             check_labels(examples.labels, "contrastive data")

@@ -138,7 +138,7 @@ class MMLMCollator:
             raise ValueError(f"mask_prob={mask_prob!r}, max_length={max_length!r}: expected 0 < mask_prob < 1, "
                              "max_length >= 3")
         self.tokenizer, self.mask_prob, self.max_length = tokenizer, mask_prob, max_length
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = tokenizer.pad_id
         self.special_ids = torch.tensor(sorted(tokenizer.special_ids))
         self.random_ids = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in tokenizer.special_ids])
 
