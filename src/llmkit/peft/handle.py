@@ -5,7 +5,8 @@ State lives in the model, in adapter sites (model/slots.py's protocol): an Adapt
 target layer, an AdapterSlot fills a model slot, a SavedModule holds the trained copies of a head.
 The handle walks the sites alike to freeze, switch, disable, save, load and delete, and keeps each
 adapter's method, options and site names. Saving turns adapters into plain `AdapterRecord`s for a
-codec (serialization.py, peft_format.py); loading attaches records through one shape-checked copy.
+codec (serialization.py, peft_format.py); loading attaches records through one shape-checked copy
+(saving.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..io.errors import CheckpointError
 from ..model.slots import AdapterSite, AdapterSlot
-from . import peft_format, serialization
+from . import saving
 from .errors import PeftError
 from .layers import AdaptedLayer, SavedModule, set_submodule
 from .registry import AdapterConfig, Method, get_method
@@ -30,7 +31,6 @@ from .serialization import WEIGHTS_FILE, AdapterRecord
 from .targets import resolve_modules, select_targets, task_head
 
 HANDLE_ATTR = "_llmkit_peft_handle"
-FORMATS = ("llmkit", "peft")
 
 
 @dataclass
@@ -314,35 +314,7 @@ class PeftHandle:
     def save(self, directory, format: str = "llmkit", adapter_name: Optional[str] = None) -> Path:
         """Write adapter files: format="llmkit" every adapter of any method, exactly
         (serialization.py); "peft" one adapter as HF PEFT LoRA files (peft_format.py)."""
-        if format not in FORMATS:
-            raise PeftError(f"format={format!r}: expected one of {list(FORMATS)}")
-        if not self.adapters:
-            raise PeftError("save: the handle has no adapter (merge_and_unload() spends it)")
-        if adapter_name is not None and adapter_name not in self.adapters:
-            raise PeftError(f"adapter_name={adapter_name!r}: expected one of {list(self.adapters)}")
-        if format == "llmkit":
-            return serialization.write(directory, [self.record(n) for n in ([adapter_name] if adapter_name
-                                                                          else self.adapters)])
-        name = adapter_name or (self.active[0] if len(self.active) == 1 else None)
-        if name is None:
-            raise PeftError(f"save(format='peft') writes one adapter: pass adapter_name= one of {list(self.adapters)}")
-        return peft_format.write(directory, [self._lora_record(name)], _hf_rules(self.model),
-                                 {n for n, layer in self.layers() if layer.is_embedding})
-
-    def _lora_record(self, name: str) -> AdapterRecord:
-        """The record of adapter `name` as a LoRA: its own factors for a plain LoRA, else ΔW = B' A'
-        with the method's scale folded into B'."""
-        record, info = self.record(name), self.adapters[name]
-        adapters = {t: self.model.get_submodule(t).named[name] for t in info.targets}
-        if get_method(info.method).placement != "layer" or not all(hasattr(a, "factors") for a in adapters.values()):
-            raise PeftError(f"format='peft' writes LoRA-shaped layer adapters; {info.method!r} is not one: "
-                            "save with format='llmkit'")
-        if info.method == "lora":
-            return record
-        targets = {t: dict(zip(("lora_B", "lora_A"), (f.detach().cpu() for f in a.factors())))
-                   for t, a in adapters.items()}
-        return dataclasses.replace(record, method="lora", targets=targets,
-                                   config={**record.config, "scale": 1.0, "rslora": False})
+        return saving.save(self, directory, format, adapter_name)
 
     def attach(self, record: AdapterRecord, source: str = WEIGHTS_FILE) -> None:
         """Add adapter `record.name` from plain data (what a codec read): its sites, then every
@@ -357,10 +329,10 @@ class PeftHandle:
         try:
             for path, tensors in [*record.targets.items(), *record.saved.items()]:
                 module = self.model.get_submodule(path).named[record.name]
-                _copy_checked(module, tensors, f"{source}: {path}", getattr(module, "training_state", ()))
+                saving.copy_checked(module, tensors, f"{source}: {path}", getattr(module, "training_state", ()))
             for path, tensors in record.base.items():
                 module = self.model.get_submodule(path)
-                _copy_checked(getattr(module, "base_layer", module), tensors, f"{source}: {path}")
+                saving.copy_checked(getattr(module, "base_layer", module), tensors, f"{source}: {path}")
         except Exception:
             self.delete_adapter(record.name)
             raise
@@ -371,19 +343,8 @@ class PeftHandle:
 
 
 def load(model: nn.Module, directory, *, adapter_name: Optional[str] = None) -> PeftHandle:
-    """Attach adapters saved by `handle.save` (either format) or by HF peft's save_pretrained; a
-    peft directory's one adapter gets `adapter_name` (default "default"), an llmkit one keeps only
-    `adapter_name` if given."""
-    if "peft_type" in serialization.read_config(directory):
-        records = peft_format.read(directory, _hf_rules(model))
-        records[0].name = adapter_name or "default"
-    else:
-        records = serialization.read(directory)
-        if adapter_name is not None:
-            found = [r.name for r in records]
-            records = [r for r in records if r.name == adapter_name]
-            if not records:
-                raise CheckpointError(f"{Path(directory)}: no adapter {adapter_name!r} (found {sorted(found)})")
+    """Attach adapters saved by `handle.save` (either format) or by HF peft's save_pretrained."""
+    records = saving.read(model, directory, adapter_name)
     handle = handle_of(model) or PeftHandle(model)
     for record in records:
         handle.attach(record, str(Path(directory) / WEIGHTS_FILE))
@@ -391,41 +352,6 @@ def load(model: nn.Module, directory, *, adapter_name: Optional[str] = None) -> 
     if active:
         handle.set_active(active)
     return handle
-
-
-def _copy_checked(module: nn.Module, tensors: dict[str, torch.Tensor], where: str, optional=()) -> None:
-    """Copy saved tensors into `module`'s state (in its dtype) once names match exactly (the
-    `optional` ones may be absent) and every shape does."""
-    state = module.state_dict(keep_vars=True)
-    missing, unknown = sorted(set(state) - set(tensors) - set(optional)), sorted(set(tensors) - set(state))
-    if missing or unknown:
-        raise CheckpointError(f"{where}: expected tensors {sorted(state)}; missing {missing}, unknown {unknown}")
-    for key, tensor in tensors.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{where}.{key}: expected shape {list(state[key].shape)} (from this model's "
-                                  f"layer), found {list(tensor.shape)}: the adapter was made for a model with "
-                                  "different layer sizes")
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            state[key].copy_(tensor.to(state[key].dtype))
-
-
-def _hf_rules(model: nn.Module) -> Optional[dict]:
-    """llmkit tensor key -> its `Rule` (HF name, fused part) for an llmkit model save_hf can export;
-    None for any other torch module (names are then used as they are)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "family"):
-        return None
-    from ..io.families import FAMILIES
-    from ..io.hf import task_of
-    if config.family not in FAMILIES:
-        raise PeftError(f"format='peft': ModelConfig.family={config.family!r} has no Hugging Face layout "
-                        f"(expected one of {sorted(FAMILIES)}); save with format='llmkit'")
-    try:
-        return {rule.ours: rule for rule in FAMILIES[config.family].rules(config, task_of(model))}
-    except CheckpointError as exc:
-        raise PeftError(f"format='peft' needs a model llmkit.save_hf can export ({exc}); "
-                        "save with format='llmkit'") from exc
 
 
 def _with_rank(config: AdapterConfig, rank: Optional[int]) -> AdapterConfig:
