@@ -51,10 +51,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
         raise ValueError(f"sequence_logps: expected logits (B, T, V) with labels and mask (B, T); got "
                          f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}")
     scored = mask[:, 1:].bool()                                                    # (B, T-1)
-    rows = scored.nonzero(as_tuple=True)[0]                                        # (N,)
-    per_token = token_logps(logits[:, :-1][scored], labels[:, 1:][scored])         # (N,)
-    totals, counts = reduce_per_sequence(per_token, rows, logits.shape[0], reduce)
-    return (totals, counts) if return_counts else totals
+    return _scored_logps(logits[:, :-1][scored], labels, scored, reduce, return_counts)
 
 
 def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -66,11 +63,15 @@ def causal_lm_logps(model, input_ids: torch.Tensor, attention_mask: Optional[tor
     prompt and padding positions are never built. Same numbers as `sequence_logps(model(...).logits,
     ...)`, a fraction of the head's time and memory."""
     scored = loss_mask[:, 1:].bool()                                               # (B, T-1)
-    rows = scored.nonzero(as_tuple=True)[0]                                        # (N,)
     predicting = F.pad(scored, (0, 1))                                             # (B, T): t predicts t+1
     logits = model(input_ids, attention_mask=attention_mask, logits_index=predicting).logits   # (N, V)
-    per_token = token_logps(logits, input_ids[:, 1:][scored])                      # (N,)
-    totals, counts = reduce_per_sequence(per_token, rows, input_ids.shape[0], reduce)
+    return _scored_logps(logits, input_ids, scored, reduce, return_counts)
+
+
+def _scored_logps(logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor, reduce: str, return_counts: bool):
+    """logits (N, V) of the `scored` (B, T-1) positions -> per-sequence totals (B,) (+ counts)."""
+    per_token = token_logps(logits, labels[:, 1:][scored])                         # (N,)
+    totals, counts = reduce_per_sequence(per_token, scored.nonzero(as_tuple=True)[0], labels.shape[0], reduce)
     return (totals, counts) if return_counts else totals
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .heads import ClassificationHead, MLMHead, Pooler, ProjectionHead, ValueHead, last_token_index, pool
-from .transformer import EncoderDecoder, ModelOutput, Transformer, shift_tokens_right
+from .transformer import EncoderDecoder, ModelOutput, Transformer
 
 
 class LlmkitModel(nn.Module):
@@ -32,6 +32,7 @@ class LlmkitModel(nn.Module):
 
     config: ModelConfig
     head_names: tuple[str, ...] = ()
+    tied_head: str = ""                    # the Linear that may share the token embedding
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks in order; block i is what `layers=[i]` selects."""
@@ -57,7 +58,9 @@ class LlmkitModel(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Make output heads share the token embedding where the config asks for it."""
+        """Make the `tied_head` weight share the token embedding where the config asks for it."""
+        if self.tied_head and self.config.tie_word_embeddings:
+            self.get_submodule(self.tied_head).weight = self.transformer.embed_tokens.weight
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)   # tied once
@@ -65,7 +68,7 @@ class LlmkitModel(nn.Module):
 
 class CausalLM(LlmkitModel):
     """Decoder-only language model: P(x_t | x_<t) = softmax(lm_head(h_t))."""
-    head_names = ("lm_head",)
+    head_names, tied_head = ("lm_head",), "lm_head"
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -73,10 +76,6 @@ class CausalLM(LlmkitModel):
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         self.init_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, *, logits_to_keep: int = 0, logits_index=None,
                 **kwargs) -> ModelOutput:
@@ -96,7 +95,7 @@ class CausalLM(LlmkitModel):
 
 class MaskedLM(LlmkitModel):
     """Bidirectional encoder with BERT's MLM head and, with `nsp=True`, the pooler + NSP head."""
-    head_names = ("mlm_head", "nsp_head", "pooler")
+    head_names, tied_head = ("mlm_head", "nsp_head", "pooler"), "mlm_head.decoder"
 
     def __init__(self, config: ModelConfig, *, nsp: bool = False):
         super().__init__()
@@ -106,10 +105,6 @@ class MaskedLM(LlmkitModel):
         self.pooler = Pooler(config) if nsp else None
         self.nsp_head = ClassificationHead(config.d_model, 2) if nsp else None
         self.init_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.mlm_head.decoder.weight = self.transformer.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs) -> ModelOutput:
         out = self.transformer(input_ids, attention_mask, **kwargs)
@@ -140,7 +135,7 @@ class EncoderModel(LlmkitModel):
 
 class Seq2SeqLM(LlmkitModel):
     """Encoder-decoder LM (BART): P(y_t | y_<t, x) with a tied head and a fixed logit bias."""
-    head_names = ("lm_head",)
+    head_names, tied_head = ("lm_head",), "lm_head"
 
     def blocks(self) -> list[nn.Module]:
         """The encoder's blocks, then the decoder's."""
@@ -154,10 +149,6 @@ class Seq2SeqLM(LlmkitModel):
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
         self.init_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.embed_tokens.weight
-
     def forward(self, input_ids=None, attention_mask=None, *, decoder_input_ids=None,
                 decoder_attention_mask=None, encoder_hidden_states=None, cache=None) -> ModelOutput:
         out = self.transformer(input_ids, attention_mask, decoder_input_ids=decoder_input_ids,
@@ -165,9 +156,6 @@ class Seq2SeqLM(LlmkitModel):
                                encoder_hidden_states=encoder_hidden_states, cache=cache)
         out.logits = self.lm_head(out.last_hidden_state) + self.final_logits_bias      # (B, T, V)
         return out
-
-    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        return shift_tokens_right(labels, self.config)
 
 
 class _PooledTaskModel(LlmkitModel):

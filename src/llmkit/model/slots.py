@@ -10,8 +10,8 @@ lists its extension points in `adapter_slots` (name -> combine rule), each None 
 - "prefix":   B -> (cat_i k_i, cat_i v_i) on the P axis (Attention.kv_prefix; (B, n_kv, P, hd))
 
 A parallel or prefix slot with nothing running returns None and its host adds nothing, so a
-disabled slot leaves the host's output bitwise unchanged. A new slot is an attribute, an entry in
-its host's `adapter_slots` and the call in the host's forward.
+disabled slot leaves the host's output bitwise unchanged. A new slot: an attribute, an entry in
+its host's `adapter_slots`, the call in the host's forward.
 """
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-
-COMBINES = ("serial", "parallel", "prefix")
 
 
 class AdapterSite(nn.Module):
@@ -48,8 +46,8 @@ class AdapterSite(nn.Module):
 class AdapterSlot(AdapterSite):
     def __init__(self, combine: str):
         super().__init__()
-        if combine not in COMBINES:
-            raise ValueError(f"combine={combine!r}: expected one of {list(COMBINES)}")
+        if combine not in ("serial", "parallel", "prefix"):
+            raise ValueError(f"combine={combine!r}: expected 'serial', 'parallel' or 'prefix'")
         self.combine = combine
         self.adapters = nn.ModuleDict()
 
@@ -69,9 +67,6 @@ class AdapterSlot(AdapterSite):
     def unload(self) -> Optional[nn.Module]:
         """The one active adapter as a plain slot module, None when none, else the slot itself."""
         return self.named[self.active[0]] if len(self.active) == 1 else (self if self.active else None)
-
-    def extra_repr(self) -> str:
-        return f"combine={self.combine!r}, active={self.active}, disabled={self.disabled}"
 
 
 def _cast_call(adapter: nn.Module, x):

@@ -13,7 +13,6 @@ Trainable parameters: r · (in + out) per Linear, as LoRA.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.dropout import Dropout
 from .errors import PeftError
+from .lora import LoraAdapter
 from .registry import LowRankConfig, Method, register
 
 
@@ -53,14 +52,14 @@ class DyLoraConfig(LowRankConfig):
         return data
 
 
-class DyLoraAdapter(nn.Module):
+class DyLoraAdapter(LoraAdapter):
+    """LoRA's factors and init, run (and merged) at rank b with scale alpha / b."""
+    add_to = None                       # LoRA's fused path knows one fixed rank
+
     def __init__(self, in_features: int, out_features: int, config: DyLoraConfig, *, device=None, dtype=None):
-        super().__init__()
-        self.r, self.alpha, self.freeze_lower, self.state = config.r, config.alpha, config.freeze_lower, config.state
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = Dropout(config.dropout) if config.dropout > 0 else None
+        super().__init__(in_features, out_features, config.r, config.alpha / config.r, config.dropout,
+                         device=device, dtype=dtype)
+        self.alpha, self.freeze_lower, self.state = config.alpha, config.freeze_lower, config.state
 
     def rank(self) -> int:
         b = self.state.train if self.training else self.state.eval

@@ -11,13 +11,10 @@ Trainable parameters: r · out per Linear.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..model.dropout import Dropout
-from .lora import LoraConfig, lora_scale
+from .lora import LoraAdapter, LoraConfig, lora_scale
 from .registry import Method, register
 
 
@@ -43,16 +40,15 @@ class _FrozenAProjection(torch.autograd.Function):
         return grad_x, None, grad_B, None
 
 
-class LoraFAAdapter(nn.Module):
-    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float = 0.0,
-                 *, device=None, dtype=None):
-        super().__init__()
-        self.r, self.scale = r, scale
-        A = torch.empty(r, in_features, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+class LoraFAAdapter(LoraAdapter):
+    """LoRA's factors, ΔW and init with A a buffer, run through the custom backward above."""
+    add_to = None                       # LoRA's fused path would keep x for a gradient of A
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        A = self.lora_A.detach()
+        del self.lora_A
         self.register_buffer("lora_A", A)                                         # frozen, saved
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
-        self.dropout = Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -60,12 +56,6 @@ class LoraFAAdapter(nn.Module):
         A = self.lora_A.to(x.dtype) if self.lora_A.dtype != x.dtype else self.lora_A
         B = self.lora_B.to(x.dtype) if self.lora_B.dtype != x.dtype else self.lora_B   # (autocast)
         return _FrozenAProjection.apply(x, A, B, self.scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale                           # (out, in)
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_B * self.scale, self.lora_A
 
 
 @register
