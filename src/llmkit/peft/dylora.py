@@ -46,11 +46,6 @@ class DyLoraConfig(LowRankConfig):
             raise PeftError(f"eval_rank={self.eval_rank!r}: expected an integer in [1, r={self.r}]")
         self.state.eval = self.eval_rank
 
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        data.pop("state", None)
-        return data
-
 
 class DyLoraAdapter(LoraAdapter):
     """LoRA's factors and init, run (and merged) at rank b with scale alpha / b."""

@@ -54,10 +54,8 @@ class AdapterConfig:
             raise PeftError(f"modules_to_save={self.modules_to_save!r}: expected a list of module names")
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if isinstance(data["targets"], tuple):
-            data["targets"] = list(data["targets"])
-        return data
+        """The options as plain data; fields with repr=False (runtime state) are left out."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
 
 
 @dataclass
