@@ -55,11 +55,11 @@ class AdapterSlot(AdapterSite):
         run = self.running()
         if self.combine == "serial":
             for adapter in run:
-                x = _cast_call(adapter, x)
+                x = cast_call(adapter, x)
             return x
         if not run:
             return None
-        outs = [_cast_call(adapter, x) for adapter in run]
+        outs = [cast_call(adapter, x) for adapter in run]
         if self.combine == "parallel":
             return sum(outs[1:], outs[0])                                            # (B, T, d)
         return tuple(torch.cat(parts, dim=2) for parts in zip(*outs))                # (B, n_kv, ΣP, hd) x 2
@@ -69,7 +69,7 @@ class AdapterSlot(AdapterSite):
         return self.named[self.active[0]] if len(self.active) == 1 else (self if self.active else None)
 
 
-def _cast_call(adapter: nn.Module, x):
+def cast_call(adapter: nn.Module, x):
     """adapter(x), with a float32 adapter on a half-precision model run in float32 and cast back."""
     p = next(adapter.parameters(), None)
     if p is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or p.dtype == x.dtype:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.slots import AdapterSite
+from ..model.slots import AdapterSite, cast_call
 from .errors import PeftError
 
 
@@ -42,15 +42,11 @@ class AdaptedLayer(AdapterSite):
             if name in self.merged:
                 continue
             adapter = self.adapters[name]
-            dtype = next(adapter.parameters()).dtype
-            if x.is_floating_point() and x.dtype != dtype:   # float32 adapter over a half base
-                out = out + adapter(x.to(dtype)).to(out.dtype)
-                continue
             add_to = getattr(adapter, "add_to", None)
-            if add_to is not None and out.dtype == x.dtype:   # fused add (LoRA: one addmm)
-                out = add_to(out, x)
+            if add_to is not None and out.dtype == x.dtype == next(adapter.parameters()).dtype:
+                out = add_to(out, x)                          # fused add (LoRA: one addmm)
                 continue
-            delta = adapter(x)
+            delta = cast_call(adapter, x)                     # a float32 adapter over a half base
             # In place: nn.Linear / nn.Embedding never save their output for backward, and this
             # saves one (..., out) allocation per adapted layer.
             out = out.add_(delta) if delta.dtype == out.dtype else out + delta.to(out.dtype)
