@@ -192,7 +192,8 @@ def speed_table(opts, dtype: str) -> str:
 # ---- (b) SST-2 runs ----------------------------------------------------------------------------
 
 def sst2_worker(method: str, quick: bool) -> dict:
-    import llmkit.finetune.runner as runner
+    import llmkit.finetune.pipeline as pipeline
+    import llmkit.finetune.tasks as tasks
     import llmkit.peft as peft
     from llmkit.finetune.recipe import parse_finetune_recipe
     from llmkit.recipes import apply_overrides, load_yaml
@@ -205,16 +206,16 @@ def sst2_worker(method: str, quick: bool) -> dict:
     # The same budget for every method (the full fine-tuning recipe's own default is longer).
     overrides = [f"train.out_dir=/tmp/bench_peft_{method}", "save=none", "train.tensorboard=false",
                  "train.plot=false", "train.progress=false", "data.train_rows=4000", "train.max_steps=125",
-                 "train.warmup_steps=12", "eval.eval_every=25", "model.pooling=mean"]
+                 "train.warmup_steps=12", "train.eval_every=25", "model.pooling=mean"]
     if quick:
-        overrides += ["train.max_steps=6", "data.train_rows=96", "data.eval_rows=64", "eval.eval_every=3",
+        overrides += ["train.max_steps=6", "data.train_rows=96", "data.eval_rows=64", "train.eval_every=3",
                       "train.warmup_steps=1"]
         if method == "adalora":
             overrides += ["peft.t_init=1", "peft.t_final=2", "peft.delta_t=1"]
     apply_overrides(data, overrides)
     recipe = parse_finetune_recipe(data)
     captured = {}
-    original_apply, original_eval = peft.apply, runner.evaluate_classification
+    original_apply, original_eval = peft.apply, tasks.evaluate_classification
 
     def spy_apply(model, method_name, **kw):
         captured["handle"] = original_apply(model, method_name, **kw)
@@ -223,8 +224,8 @@ def sst2_worker(method: str, quick: bool) -> dict:
     def spy_eval(model, batches, names):
         captured.update(model=model, batches=batches, names=names)
         return original_eval(model, batches, names)
-    peft.apply, runner.evaluate_classification = spy_apply, spy_eval
-    summary = runner.run_finetune(recipe, verbose=False)
+    peft.apply, tasks.evaluate_classification = spy_apply, spy_eval
+    summary = pipeline.run_finetune(recipe, verbose=False)
     model = captured["model"]
     handle = captured.get("handle")
     trainable = handle.trainable_parameters() if handle else None

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..model.modes import evaluating
 from ..train import TrainConfig, Trainer
 from .data import PreferenceBatches, _sequences, normalize_rows, to_unpaired, tokenize_rows
 from .logps import mean_token_kl
@@ -56,16 +57,14 @@ def _window_mean(steps: list[dict], key: str, first: bool) -> float:
 def held_out_kl(model, reference, examples, pad_id: int, batch_size: int = 64) -> float:
     """Mean per-token KL(π ‖ π_ref) over the completions of examples {"prompt_ids", "completion_ids"}."""
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = _sequences([(e["prompt_ids"], e["completion_ids"]) for e in chunk], pad_id)
-        ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]           # (B, T) each
-        kl = mean_token_kl(model(ids, attention_mask=am).logits, reference(ids, attention_mask=am).logits, lm)
-        n = int(lm[:, 1:].sum())
-        total, count = total + kl.item() * n, count + n
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = _sequences([(e["prompt_ids"], e["completion_ids"]) for e in chunk], pad_id)
+            ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]       # (B, T) each
+            kl = mean_token_kl(model(ids, attention_mask=am).logits, reference(ids, attention_mask=am).logits, lm)
+            n = int(lm[:, 1:].sum())
+            total, count = total + kl.item() * n, count + n
     return round(total / max(count, 1), 5)
 
 

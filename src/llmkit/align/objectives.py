@@ -16,13 +16,13 @@ The reference always runs in eval mode (no dropout), so π = π_ref at step 1 gi
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..model import ValueModel
+from ..model.modes import evaluating
 from .data import collate_pairs
 from .logps import causal_lm_logps
 from .losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, preference_metrics, reward_loss
@@ -44,16 +44,6 @@ def reward_model_from(backbone: nn.Module) -> ValueModel:
     model = ValueModel(backbone.config)
     model.transformer = backbone.transformer
     return model
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class _ReferenceMixin:
@@ -86,7 +76,7 @@ class _ReferenceMixin:
             if next(ref.parameters()).device != ids.device:
                 ref.to(ids.device)
             return causal_lm_logps(ref, ids, am, lm, "sum")
-        with ref.disable(), _eval_mode(model):
+        with ref.disable(), evaluating(model):
             return causal_lm_logps(model, ids, am, lm, "sum")
 
 
@@ -98,7 +88,7 @@ def precompute_reference_logps(examples: Sequence[dict], reference: nn.Module, p
     helper.reference = handle if handle is not None else reference
     device = next(reference.parameters()).device
     out = []
-    with _eval_mode(reference):
+    with evaluating(reference):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}

@@ -26,6 +26,7 @@ import torch
 
 from ..data.synthetic import exact_match
 from ..generation import generate
+from ..model.modes import evaluating
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -43,11 +44,8 @@ def complete(model, tokenizer, prompts: Sequence[str], *, prefix_ids: Sequence[i
     Prompts go in left-padded batches; each is prefix_ids + encode(prompt)."""
     stops = _stop_ids(tokenizer)
     pad = tokenizer.pad_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     answers = []
-    try:
+    with evaluating(model) as device:
         for start in range(0, len(prompts), batch_size):
             ids = [list(prefix_ids) + tokenizer.encode(p, add_special_tokens=False)
                    for p in prompts[start:start + batch_size]]
@@ -59,8 +57,6 @@ def complete(model, tokenizer, prompts: Sequence[str], *, prefix_ids: Sequence[i
             for row in out[:, width:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
                 answers.append(tokenizer.decode(row[:cut]))
-    finally:
-        model.train(was_training)
     return answers
 
 

@@ -151,6 +151,29 @@ class StepBatches(_Batches):
         self.step = _check_int("state['step']", state["step"], 0)
 
 
+class WrappedBatches(StepBatches):
+    """Batches made from an inner window loader (`self.windows`): step s turns the inner loader's
+    next batch into batch s with `_make(raw, s)`; the state adds the inner loader's own."""
+
+    def __next__(self) -> dict:
+        batch = self._make(next(self.windows), self.step)
+        self.step += 1
+        return batch
+
+    def batch_at(self, step: int) -> dict:
+        """Batch `step` without moving the state (random windows only): fixed validation batches."""
+        if not hasattr(self.windows, "batch_at"):
+            raise DataError("batch_at(step) needs sampling='random' (packed epochs have no random access)")
+        return self._make(self.windows.batch_at(step), step)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "windows": self.windows.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.windows.load_state_dict(state["windows"])
+
+
 class RandomWindowBatches(StepBatches):
     """nanoGPT-style random windows, endless: step s draws `batch_size` offsets uniformly from
     [0, len(tokens) - block_size) with a generator seeded by (seed, s), so every step's batch is a

@@ -128,24 +128,3 @@ def token_classification_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     scored = labels != IGNORE_INDEX
     accuracy = (logits.argmax(-1)[scored] == labels[scored]).float().mean()
     return loss, {"loss": loss.item(), "accuracy": accuracy.item()}
-
-
-@torch.no_grad()
-def predict(model, batches) -> tuple[list[int], list[int]]:
-    """(predictions, references) over batches, flattening token labels and skipping -100."""
-    preds, refs = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = _forward(model, batch)
-            labels = batch["labels"]
-            guess = logits.argmax(-1)
-            keep = labels != IGNORE_INDEX
-            preds += guess[keep].cpu().tolist()
-            refs += labels[keep].cpu().tolist()
-    finally:
-        model.train(was_training)
-    return preds, refs

@@ -9,7 +9,6 @@ forgetting report. Each runs under no_grad in eval mode and puts the model back 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -17,23 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation import generate
+from ..model.modes import evaluating
 from ..objectives.clm import IGNORE_INDEX, clm_loss
 from ..tokenizer import Tokenizer
 from ..train.distributed import move_to
 from .metrics import classification_metrics, exact_match
 from .sft import prompt_ids
-
-
-@contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode and no_grad for the block; the model's mode restored after. Yields its device."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield next(model.parameters()).device
-    finally:
-        model.train(was_training)
 
 
 def scored_tokens(batch: dict) -> int:

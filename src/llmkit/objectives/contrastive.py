@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.heads import pool
+from ..model.modes import evaluating
 from .contrastive_data import (ContrastiveBatches, ContrastiveExamples, encode_truncated, pad_views, pairable,
                                perturbed_pairs, read_examples, split_examples)
 
@@ -133,14 +134,11 @@ def knn_accuracy(queries: torch.Tensor, query_labels: Sequence, keys: torch.Tens
 def encode_texts(model, tokenizer, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
                  block_size: int = 128, batch_size: int = 64) -> torch.Tensor:
     """(N, d) embeddings in eval mode, batched by length (less padding), in the order of `texts`."""
-    was_training = model.training
-    model.eval()
     ids = encode_truncated(tokenizer, list(texts), block_size)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     pad = tokenizer.pad_id
-    device = next(model.parameters()).device
     out = [None] * len(ids)
-    try:
+    with evaluating(model) as device:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             input_ids, mask = pad_views([[ids[i]] for i in chunk], pad)               # (b, 1, T)
@@ -148,8 +146,6 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, pooling: str = "mean
                       normalize=normalize)                                              # (b, d)
             for i, row in zip(chunk, z.cpu()):
                 out[i] = row
-    finally:
-        model.train(was_training)
     return torch.stack(out)                                                           # (N, d)
 
 
@@ -311,16 +307,12 @@ class ContrastiveObjective:
     @torch.no_grad()
     def evaluate(self, model, batches) -> dict[str, float]:
         """Mean in-batch recall@1 (and knn1_acc with labels) over `batches`, in eval mode."""
-        was_training = model.training
-        model.eval()
         sums, n = {}, 0
-        try:
+        with evaluating(model):
             for batch in batches:
                 _, metrics = self.loss(model, batch)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 n += 1
-        finally:
-            model.train(was_training)
         return {key: value / max(n, 1) for key, value in sums.items()}
 

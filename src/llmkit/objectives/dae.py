@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batches import PackedBatches, RandomWindowBatches, WrappedBatches, check_layout
 from .clm import IGNORE_INDEX
 from .noise import apply_noise, check_noise
 
@@ -147,16 +148,15 @@ class DenoisingCollator:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-class DenoisingBatches:
+class DenoisingBatches(WrappedBatches):
     """Endless denoising batches over a token stream: each step takes one GLOBAL batch of
     `batch_size` windows of `length` tokens (random windows, or shuffled consecutive blocks with
     sampling="packed", via llmkit.data's loaders), rank r keeps rows r::world_size, and row j is
     corrupted with row_generator(seed, step, j). State: {"step", "windows": the window loader's}."""
+    _config_keys = ("seed",)
 
     def __init__(self, tokens, collator: DenoisingCollator, batch_size: int, length: int, *,
                  sampling: str = "random", seed: int = 0, rank: int = 0, world_size: int = 1):
-        from ..data import PackedBatches, RandomWindowBatches
-        from ..data.batches import check_layout
         if isinstance(length, bool) or not isinstance(length, int) or length < 2:
             raise ValueError(f"length={length!r}: expected an int >= 2 (tokens per window)")
         check_layout(batch_size, length - 1, rank, world_size, seed)
@@ -168,38 +168,10 @@ class DenoisingBatches:
         self.collator, self.seed, self.rank, self.world_size = collator, int(seed), int(rank), int(world_size)
         self.step = 0
 
-    def __iter__(self):
-        return self
-
-    def _make(self, step: int, raw: dict) -> dict:
+    def _make(self, raw: dict, step: int) -> dict:
         windows = torch.cat([raw["input_ids"], raw["targets"][:, -1:]], dim=1)     # (batch_size, length)
         rows = list(range(self.rank, windows.shape[0], self.world_size))
         return self.collator(windows[rows], seed=self.seed, step=step, rows=rows)
-
-    def batch_at(self, step: int) -> dict:
-        """Batch `step` without moving the state (random windows only): fixed validation batches."""
-        if not hasattr(self.windows, "batch_at"):
-            raise ValueError("batch_at(step) needs sampling='random' (packed epochs have no random access)")
-        return self._make(step, self.windows.batch_at(step))
-
-    def __next__(self) -> dict:
-        batch = self._make(self.step, next(self.windows))
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"type": type(self).__name__, "step": self.step, "seed": self.seed,
-                "windows": self.windows.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        from ..data import DataError
-        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
-            raise DataError(f"load_state_dict: expected a {type(self).__name__} state, got {state!r:.80}")
-        if state.get("seed") != self.seed:
-            raise DataError(f"load_state_dict: the state was saved with seed={state.get('seed')!r} but this "
-                            f"loader has seed={self.seed}; resuming would not continue the same batches")
-        self.windows.load_state_dict(state["windows"])
-        self.step = int(state["step"])
 
 
 def sentence_end_ids(tokenizer, chars: str = SENTENCE_END_CHARS) -> list[int]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batches import WrappedBatches, check_layout
 from .clm import IGNORE_INDEX
 
 SPECIAL_TOKENS = {"mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"}
@@ -203,22 +204,19 @@ def require_roles(tokenizer, roles=("mask", "cls", "sep")) -> None:
         raise ValueError(f"tokenizer has no {', '.join(missing)}: expected the special tokens {SPECIAL_TOKENS}")
 
 
-class MaskedWindowBatches:
+class MaskedWindowBatches(WrappedBatches):
     """BERT inputs from a window loader: each GLOBAL window batch (the inner loader runs with
     world_size=1) of block_size − 2 tokens becomes [CLS] w [SEP] (block_size), is masked with
     `mask_generator(seed, step)`, and rank r keeps rows r::world_size. Batches: {"input_ids",
     "labels"} (b, block_size). State: {"step", "windows": inner state} -> exact resume."""
+    _config_keys = ("seed", "mask_prob", "whole_word")
 
     def __init__(self, windows, vocab: MaskVocab, cls_id: int, sep_id: int, *, mask_prob: float = 0.15,
                  whole_word: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
-        from ..data.batches import check_layout
         check_layout(windows.batch_size, windows.block_size, rank, world_size, seed)
         self.windows, self.vocab, self.cls_id, self.sep_id = windows, vocab, cls_id, sep_id
         self.mask_prob, self.whole_word, self.seed = mask_prob, whole_word, seed
         self.rank, self.world_size, self.step = rank, world_size, 0
-
-    def __iter__(self):
-        return self
 
     def _make(self, window_batch: dict, step: int) -> dict:
         w = window_batch["input_ids"]                                                 # (B, T - 2)
@@ -228,29 +226,6 @@ class MaskedWindowBatches:
                                      generator=mask_generator(self.seed, step))
         r, n = self.rank, self.world_size
         return {"input_ids": inputs[r::n].contiguous(), "labels": labels[r::n].contiguous()}
-
-    def batch_at(self, step: int) -> dict:
-        """Batch `step` of a random-window loader, without touching the state (validation)."""
-        return self._make(self.windows.batch_at(step), step)
-
-    def __next__(self) -> dict:
-        batch = self._make(next(self.windows), self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"type": type(self).__name__, "step": self.step, "windows": self.windows.state_dict(),
-                "seed": self.seed, "mask_prob": self.mask_prob, "whole_word": self.whole_word}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
-            raise ValueError(f"load_state_dict: expected a {type(self).__name__} state, got {state!r:.80}")
-        for key in ("seed", "mask_prob", "whole_word"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"load_state_dict: the state was saved with {key}={state.get(key)!r} but this "
-                                 f"loader has {key}={getattr(self, key)!r}; resuming would change the batches")
-        self.windows.load_state_dict(state["windows"])
-        self.step = int(state["step"])
 
 
 class MaskedLMObjective:

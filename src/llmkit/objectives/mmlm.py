@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import StepBatches
 from ..data.images import IMAGE_WORDS, ShapesDataset
 from ..model.heads import MLMHead
 from ..model.models import LlmkitModel
@@ -194,10 +195,11 @@ def mask_words(batch: dict, tokenizer, words: Sequence[str] = IMAGE_WORDS) -> di
             "labels": input_ids.masked_fill(~target, IGNORE_INDEX)}
 
 
-class ShapesMMLMBatches:
+class ShapesMMLMBatches(StepBatches):
     """Endless batches over a ShapesDataset: step s draws `batch_size` example indices and the masks
     from generators seeded by (seed, s), so a batch is a pure function of the step and the state is
     {"step": s}. Rank r keeps rows r::world_size of the global batch (padded globally)."""
+    _config_keys = ("seed", "batch_size")
 
     def __init__(self, dataset: ShapesDataset, collator: MMLMCollator, batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
@@ -213,26 +215,6 @@ class ShapesMMLMBatches:
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         batch = self.collator([self.dataset[int(i)] for i in index], generator)
         return {k: v[self.rank::self.world_size] for k, v in batch.items()}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"type": "ShapesMMLMBatches", "step": self.step, "seed": self.seed, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("type") != "ShapesMMLMBatches":
-            raise ValueError(f"load_state_dict: expected a ShapesMMLMBatches state, got {state!r:.80}")
-        for key in ("seed", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"load_state_dict: state has {key}={state.get(key)!r} but this loader has "
-                                 f"{getattr(self, key)!r}; resuming would not continue the same batches")
-        self.step = int(state["step"])
 
 
 class MaskedMultimodalObjective:

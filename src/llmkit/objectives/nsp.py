@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batches import StepBatches, check_layout
 from .mlm import SPECIAL_TOKENS, MaskVocab, encoder_forward, mask_generator, mask_tokens, mlm_loss, require_roles
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -100,17 +101,17 @@ def pair_lengths(la: int, lb: int, budget: int) -> tuple[int, int]:
     return ka, min(lb, budget - ka)
 
 
-class NextSentenceBatches:
+class NextSentenceBatches(StepBatches):
     """Endless NSP batches: step s draws a GLOBAL batch of pairs from numpy's rng (seed, s); rank r
     keeps rows r::world_size. Rows are padded to the global batch's longest row. With `mask`
     (a MaskVocab) the ids are also BERT-masked by `mask_generator(seed, s)` (BertObjective).
     Batches: {"input_ids", "token_type_ids", "attention_mask"} (b, T), "next_sentence_label" (b,),
     + "labels" (b, T) when masking. State: {"step"}."""
+    _config_keys = ("seed", "batch_size", "block_size")
 
     def __init__(self, corpus: SentenceCorpus, batch_size: int, block_size: int, *, cls_id: int, sep_id: int,
                  pad_id: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  mask: Optional[MaskVocab] = None, mask_prob: float = 0.15, whole_word: bool = False):
-        from ..data.batches import check_layout
         check_layout(batch_size, block_size, rank, world_size, seed)
         if block_size < 5:
             raise ValueError(f"block_size={block_size}: NSP pairs need at least 5 ([CLS] a [SEP] b [SEP])")
@@ -120,9 +121,6 @@ class NextSentenceBatches:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.mask, self.mask_prob, self.whole_word = mask, mask_prob, whole_word
         self.step = 0
-
-    def __iter__(self):
-        return self
 
     def batch_at(self, step: int) -> dict:
         a_idx, b_idx, label = self.corpus.draw(np.random.default_rng([self.seed, int(step)]), self.batch_size)
@@ -148,24 +146,6 @@ class NextSentenceBatches:
                                                               generator=mask_generator(self.seed, step))
         r, n = self.rank, self.world_size
         return {k: v[r::n].contiguous() for k, v in batch.items()}
-
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"type": type(self).__name__, "step": self.step, "seed": self.seed,
-                "batch_size": self.batch_size, "block_size": self.block_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
-            raise ValueError(f"load_state_dict: expected a {type(self).__name__} state, got {state!r:.80}")
-        for key in ("seed", "batch_size", "block_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"load_state_dict: the state was saved with {key}={state.get(key)!r} but this "
-                                 f"loader has {key}={getattr(self, key)!r}; resuming would change the batches")
-        self.step = int(state["step"])
 
 
 def nsp_loss(nsp_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
