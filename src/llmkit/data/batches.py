@@ -24,7 +24,7 @@ with the same doc_id stops attention crossing documents (built by the model side
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ import torch
 from .epochs import EpochBatches
 from .errors import DataError
 
-__all__ = ["RandomWindowBatches", "PackedBatches", "as_token_array", "make_batch"]
+__all__ = ["RandomWindowBatches", "PackedBatches", "MixedBatches", "as_token_array", "make_batch"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -245,3 +245,48 @@ class PackedBatches(_Batches, EpochBatches):
         self._check_state(state, ("epoch", "position"))
         self.epoch = _check_int("state['epoch']", state["epoch"], 0)
         self.position = _check_int("state['position']", state["position"], 0)
+
+
+class Cycled:
+    """A re-iterable (a list of batches) as an endless iterator, its position a plain int."""
+
+    def __init__(self, batches: Iterable):
+        self.batches, self.drawn, self._it = batches, 0, iter(batches)
+
+    def __next__(self):
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._it = iter(self.batches)
+            item = next(self._it)
+        self.drawn += 1
+        return item
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._it, self.drawn = iter(self.batches), 0
+        for _ in range(int(state["drawn"])):
+            next(self)
+
+
+class MixedBatches:
+    """One batch of each named loader per step, as {name: batch} (re-iterables such as lists are
+    cycled); the state is every loader's state, so a resumed run continues each stream exactly."""
+
+    def __init__(self, loaders: dict[str, Any]):
+        self.loaders = {name: b if hasattr(b, "__next__") else Cycled(b) for name, b in loaders.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, dict]:
+        return {name: next(loader) for name, loader in self.loaders.items()}
+
+    def state_dict(self) -> dict:
+        return {name: loader.state_dict() for name, loader in self.loaders.items() if hasattr(loader, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, loader_state in state.items():
+            self.loaders[name].load_state_dict(loader_state)

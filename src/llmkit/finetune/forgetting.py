@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..data.batches import MixedBatches
 from ..objectives.clm import clm_loss
 from .loops import heldout_perplexity  # noqa: F401  (the measurement, re-exported)
 
@@ -97,59 +98,11 @@ class L2ToInitial:
 
 
 # ---- mixing pretraining data -------------------------------------------------------------------
-class _Cycled:
-    """A re-iterable (a list of batches) as an endless iterator, its position a plain int."""
-
-    def __init__(self, batches: Iterable):
-        self.batches, self.drawn = batches, 0
-        self._it = iter(batches)
-
-    def __next__(self):
-        try:
-            item = next(self._it)
-        except StopIteration:
-            self._it = iter(self.batches)
-            item = next(self._it)
-        self.drawn += 1
-        return item
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._it, self.drawn = iter(self.batches), 0
-        for _ in range(int(state["drawn"])):
-            next(self)
-
-
-class PairedBatches:
-    """Yields {"task": task batch, "pretrain": pretraining batch}, one of each per step.
-
-    Iterators are used as they are (an exhausted one ends the pairing); re-iterables such as lists
-    are cycled. state_dict() holds both sides' states (for those that have one), so a resumed run
-    continues both streams exactly."""
+class PairedBatches(MixedBatches):
+    """Yields {"task": task batch, "pretrain": pretraining batch}, one of each per step (lists cycle)."""
 
     def __init__(self, task_batches: Iterable, pretrain_batches: Iterable):
-        self.sides = {"task": self._endless(task_batches), "pretrain": self._endless(pretrain_batches)}
-
-    @staticmethod
-    def _endless(batches: Iterable):
-        return batches if hasattr(batches, "__next__") else _Cycled(batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return {name: next(side) for name, side in self.sides.items()}
-
-    def state_dict(self) -> dict:
-        return {name: side.state_dict() for name, side in self.sides.items() if hasattr(side, "state_dict")}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, side_state in state.items():
-            if name not in self.sides:
-                raise KeyError(f"PairedBatches state has a side {name!r}; expected 'task' and/or 'pretrain'")
-            self.sides[name].load_state_dict(side_state)
+        super().__init__({"task": task_batches, "pretrain": pretrain_batches})
 
 
 def is_paired(batch: Any) -> bool:

@@ -4,7 +4,7 @@
 the collator/data builder, the loss and the model head it needs. A recipe may also give a weighted
 mix, `objective: {mlm: 1.0, nsp: 1.0}`, trained as L = Σ w_i L_i (`WeightedMix`).
 """
-from .base import MixedBatches, Objective, ObjectiveData, WeightedMix, build_once
+from .base import Objective, ObjectiveData, WeightedMix, build_once
 from .clm import IGNORE_INDEX, CausalLMObjective, clm_loss
 from .contrastive import ContrastiveObjective
 from .dae import DenoisingObjective
@@ -44,4 +44,4 @@ def make_objective(spec):
 
 __all__ = ["ContrastiveObjective", "DenoisingObjective", "MaskedMultimodalObjective", "mask_tokens", "mlm_loss", "nsp_loss", "MaskedLMObjective", "NextSentenceObjective",
            "BertObjective", "clm_loss", "IGNORE_INDEX", "OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveData",
-           "WeightedMix", "MixedBatches", "build_once", "make_objective"]
+           "WeightedMix", "build_once", "make_objective"]

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from ..data.batches import MixedBatches
+
 
 @dataclass
 class ObjectiveData:
@@ -40,26 +42,6 @@ class Objective(Protocol):
                   world_size: int = 1, seed: int = 0, eval_batches: int = 20) -> ObjectiveData: ...
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-class MixedBatches:
-    """One batch per objective per step, as {name: batch}; state is every loader's state."""
-
-    def __init__(self, loaders: dict[str, Any]):
-        self.loaders = loaders
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, dict]:
-        return {name: next(loader) for name, loader in self.loaders.items()}
-
-    def state_dict(self) -> dict:
-        return {name: loader.state_dict() for name, loader in self.loaders.items() if hasattr(loader, "state_dict")}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, loader_state in state.items():
-            self.loaders[name].load_state_dict(loader_state)
 
 
 class WeightedMix:
