@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..data.batches import MixedBatches
+from ..train.distributed import unwrap
 from ..objectives.clm import clm_loss
 from .loops import heldout_perplexity  # noqa: F401  (the measurement, re-exported)
 
@@ -36,15 +37,6 @@ __all__ = ["L2ToInitial", "PairedBatches", "mixed_loss", "heldout_perplexity", "
            "format_forgetting"]
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict]]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DistributedDataParallel (`.module`) or torch.compile (`._orig_mod`)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 # ---- L2 towards the initial weights ------------------------------------------------------------

@@ -40,6 +40,7 @@ from .clm import IGNORE_INDEX
 
 class MultimodalEncoder(LlmkitModel):
     """[text ; image patches or features] through one bidirectional Transformer; MLM logits on text."""
+    head_names, tied_head = ("mlm_head",), "mlm_head.decoder"
 
     def __init__(self, config, *, patch_size: int = 4, image_channels: int = 3, feature_dim: Optional[int] = None):
         super().__init__()
@@ -54,10 +55,6 @@ class MultimodalEncoder(LlmkitModel):
         self.modality_embed = nn.Embedding(2, d)                                    # m_txt = [0], m_img = [1]
         self.mlm_head = MLMHead(config)
         self.init_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.mlm_head.decoder.weight = self.transformer.embed_tokens.weight
 
     def embed_image(self, images: Optional[torch.Tensor] = None,
                     features: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -144,22 +144,20 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(tensor.data, src=0)
-        for block in transformer_blocks(model):
+        for block in model.blocks() if hasattr(model, "blocks") else []:   # llmkit models declare them
             fully_shard(block)
         fully_shard(model)
         return model
     raise ConfigError(f"TrainConfig.distributed={ctx.kind!r}: expected one of ['none', 'ddp', 'fsdp']")
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every child of an `nn.ModuleList` named `layers` (model.transformer.layers[i]; the encoder's
-    and decoder's layers of an encoder-decoder): FSDP2's unit of sharding."""
-    return [block for name, module in model.named_modules()
-            if name.split(".")[-1] == "layers" and isinstance(module, nn.ModuleList) for block in module]
-
-
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The bare module under DistributedDataParallel (`.module`) or torch.compile (`._orig_mod`)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 @contextmanager
