@@ -19,7 +19,7 @@ def test_missing_package_names_the_field_and_the_package():
 
 def test_a_pathlib_path_is_accepted_for_a_path_field(tmp_path):
     """Python callers pass pathlib.Path values; recipe fields typed str take them as paths."""
-    from llmkit.finetune.recipe import ModelSection
+    from llmkit.finetune.recipe import FinetuneModelSection
     from llmkit.recipes import build
-    section = build(ModelSection, {"checkpoint": tmp_path, "task": "causal_lm"}, "model")
+    section = build(FinetuneModelSection, {"checkpoint": tmp_path, "task": "causal_lm"}, "model")
     assert section.checkpoint == str(tmp_path)

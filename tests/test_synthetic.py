@@ -6,7 +6,7 @@ import re
 import pytest
 
 from llmkit.data import DataError
-from llmkit.data.synthetic import CHARSET, TASKS, Example, SyntheticTasks, exact_match
+from llmkit.data.synthetic import CHARSET, SYNTHETIC_TASKS, Example, SyntheticTasks, exact_match
 
 
 def _solve(ex: Example, world: dict) -> str:
@@ -37,7 +37,7 @@ def _prompt_of(line: str) -> str:
 def test_answers_are_correct(difficulty):
     gen = SyntheticTasks(seed=difficulty, difficulty=difficulty)
     examples = gen.sample(700, split="all")
-    assert {ex.task for ex in examples} == set(TASKS)
+    assert {ex.task for ex in examples} == set(SYNTHETIC_TASKS)
     for ex in examples:
         assert _solve(ex, gen.world) == ex.answer, ex
         assert set(ex.text + ex.instruction) <= set(CHARSET), ex
@@ -75,7 +75,7 @@ def test_held_out_prompts_never_in_training_data():
     gen = SyntheticTasks(seed=3)
     train, test = gen.split(4000, 400)
     test_prompts = {ex.prompt for ex in test}
-    assert len(test_prompts) > 250 and {ex.task for ex in test} == set(TASKS)
+    assert len(test_prompts) > 250 and {ex.task for ex in test} == set(SYNTHETIC_TASKS)
     assert not test_prompts & {ex.prompt for ex in train}
     # nothing generated for training, by any method or call, contains a test question
     more = SyntheticTasks(seed=3).pretraining_text(4000, start=10_000)

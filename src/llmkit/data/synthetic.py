@@ -46,9 +46,9 @@ from typing import Any, Sequence
 
 from .errors import DataError
 
-__all__ = ["SyntheticTasks", "Example", "exact_match", "TASKS", "CHARSET"]
+__all__ = ["SyntheticTasks", "Example", "exact_match", "SYNTHETIC_TASKS", "CHARSET"]
 
-TASKS = ("add", "sub", "mul", "copy", "reverse", "kv", "fact")
+SYNTHETIC_TASKS = ("add", "sub", "mul", "copy", "reverse", "kv", "fact")
 ATTRIBUTES = ("capital", "color", "animal", "ruler")
 COLORS = ("red", "blue", "green", "gold", "white", "black", "purple", "orange", "grey", "silver")
 ANIMALS = ("owl", "wolf", "bear", "fox", "hawk", "lion", "deer", "crab", "eel", "yak", "otter", "lynx")
@@ -122,13 +122,13 @@ class SyntheticTasks:
     """Seeded generator of the tasks in the module docstring."""
     exact_match = staticmethod(exact_match)
 
-    def __init__(self, seed: int = 0, tasks: Sequence[str] = TASKS, difficulty: int = 1, *,
+    def __init__(self, seed: int = 0, tasks: Sequence[str] = SYNTHETIC_TASKS, difficulty: int = 1, *,
                  test_fraction: float = 0.1, world_size: int = 24):
         if isinstance(tasks, str):
             tasks = (tasks,)
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
         if unknown or not tasks:
-            raise DataError(f"tasks={list(tasks)!r}: expected a non-empty subset of {TASKS}")
+            raise DataError(f"tasks={list(tasks)!r}: expected a non-empty subset of {SYNTHETIC_TASKS}")
         if difficulty not in LEVELS or isinstance(difficulty, bool):
             raise DataError(f"difficulty={difficulty!r}: expected one of {sorted(LEVELS)}")
         if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:

@@ -31,6 +31,7 @@ from ..objectives.clm import clm_loss
 from ..recipes import RecipeError, to_yaml
 from ..tokenizer import Tokenizer
 from ..train import Trainer
+from ..train.selection import scalars
 from .data import LabelVocab, load_rows, split_off
 from .metrics import format_metrics
 from .recipe import FinetuneRecipe
@@ -70,10 +71,6 @@ class DevReport:
         if self.reporter is not None and self.reporter.report(step, value):
             self.pruned = True
             trainer.request_stop()
-
-
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def run_finetune(recipe: FinetuneRecipe, *, reporter=None, verbose: bool = True) -> dict:
@@ -171,12 +168,12 @@ def run_finetune(recipe: FinetuneRecipe, *, reporter=None, verbose: bool = True)
                      "train_seconds": round(train_seconds, 1), "metric": config.eval_metric, "mode": trainer.best.mode}
     if dev is not None:
         summary.update(best_step=result.best_step, best_value=result.best_value)
-        summary["dev"] = _scalars(result.best_metrics or {})
+        summary["dev"] = scalars(result.best_metrics or {})
         if result.best_metrics and "confusion_matrix" in result.best_metrics:
             summary["dev_confusion_matrix"] = result.best_metrics["confusion_matrix"]
     if test is not None and summary["status"] != "pruned":
         test_metrics = task.evaluate(model, test)
-        summary["test"] = _scalars(test_metrics)
+        summary["test"] = scalars(test_metrics)
         if "confusion_matrix" in test_metrics:
             summary["test_confusion_matrix"] = test_metrics["confusion_matrix"]
     if heldout is not None:

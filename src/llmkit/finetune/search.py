@@ -72,7 +72,7 @@ from ..train.logging import ProgressBar
 __all__ = ["SearchConfig", "ParamSpec", "Reporter", "MedianStopping", "SearchResult", "SearchError",
            "run_search"]
 
-METHODS = ("grid", "random", "tpe")
+SEARCH_METHODS = ("grid", "random", "tpe")
 MODES = ("max", "min")
 SPEC_KEYS = ("low", "high", "log", "type", "steps")
 TRIAL_STATUSES = ("completed", "pruned", "failed")
@@ -186,10 +186,10 @@ class SearchConfig:
     prune_warmup_steps: int = 0       # never prune before this step
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
+        if self.method not in SEARCH_METHODS:
+            close = difflib.get_close_matches(str(self.method), SEARCH_METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"search.method={self.method!r}: expected one of {list(METHODS)}{hint}")
+            raise ConfigError(f"search.method={self.method!r}: expected one of {list(SEARCH_METHODS)}{hint}")
         if self.mode not in MODES:
             raise ConfigError(f"search.mode={self.mode!r}: expected 'max' or 'min'")
         for name, minimum in (("trials", 1), ("seed", 0), ("prune_startup_trials", 1), ("prune_warmup_steps", 0)):

@@ -42,6 +42,7 @@ from .compile import CompileClock, compile_module
 from .config import TrainConfig
 from .logging import ProgressBar, RunLogger, plot_losses
 from .optim import build_optimizer, build_scheduler
+from .selection import Selection, scalars
 
 CALLBACK_HOOKS = ("on_step_start", "on_after_backward", "on_step_end", "on_eval", "on_train_end")
 
@@ -303,7 +304,7 @@ class Trainer:
 
     def _evaluate_and_log(self, logger: RunLogger, step: int) -> float:
         metrics = self.evaluate()
-        logger.log(step, _scalars(metrics), split="val")
+        logger.log(step, scalars(metrics), split="val")
         if self.best.update(step, metrics, self.model) and self.is_main:
             print(f"\nearly stopping at step {step}: {self.best.bad_evals} evaluations without improvement",
                   file=sys.stderr, flush=True)
@@ -400,44 +401,6 @@ class Trainer:
         if previous is not None and threading.current_thread() is threading.main_thread():
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-
-
-class Selection:
-    """The best evaluation so far by config.eval_metric (mode max | min | auto: min for loss / ppl),
-    its weights (on the CPU, with keep_best) and the count of evaluations since it improved."""
-
-    def __init__(self, config: TrainConfig):
-        self.metric, self.keep, self.patience, self.min_delta = (config.eval_metric, config.keep_best,
-                                                                 config.patience, config.min_delta)
-        self.mode = config.eval_mode if config.eval_mode != "auto" else (
-            "min" if self.metric in ("loss", "ppl") else "max")
-        self.step = self.value = self.metrics = self.state = None
-        self.bad_evals = 0
-
-    def update(self, step: int, metrics: dict, model: nn.Module) -> bool:
-        """Record one evaluation; True when patience has run out."""
-        if self.metric is None:
-            return False
-        if self.metric not in metrics:
-            raise ValueError(f"TrainConfig.eval_metric={self.metric!r}: the evaluation gives "
-                             f"{sorted(_scalars(metrics))}")
-        value = float(metrics[self.metric])
-        sign = 1.0 if self.mode == "max" else -1.0
-        if self.value is None or sign * (value - self.value) > self.min_delta:
-            self.step, self.value, self.metrics, self.bad_evals = step, value, metrics, 0
-            if self.keep:
-                self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            self.bad_evals += 1
-        return self.patience is not None and self.bad_evals >= self.patience
-
-    def restore(self, model: nn.Module) -> None:
-        if self.state is not None:
-            model.load_state_dict(self.state)
-
-
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _window_summary(window: list[dict[str, float]]) -> dict[str, float]:
