@@ -117,25 +117,22 @@ class ModelConfig:
             fail("n_heads", f"a divisor of d_model={self.d_model} (or set head_dim)")
         if self.head_dim is not None and self.head_dim <= 0:
             fail("head_dim", "a positive integer or None")
-        if self.n_kv_heads is not None:
-            if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-                fail("n_kv_heads", f"a positive divisor of n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            fail("n_kv_heads", f"a positive divisor of n_heads={self.n_heads}")
         if self.positional == "rope" and self.dim_per_head % 2:
             fail("head_dim", "an even head size for RoPE")
         if self.sliding_window is not None and self.sliding_window <= 0:
             fail("sliding_window", "a positive integer or None")
         if self.sliding_window is not None and not self.causal:
             fail("sliding_window", "None for a bidirectional model (a window needs causal=True)")
-        if not 0.0 <= self.dropout < 1.0:
-            fail("dropout", "a probability in [0, 1)")
-        if not 0.0 <= self.attn_dropout < 1.0:
-            fail("attn_dropout", "a probability in [0, 1)")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "a probability in [0, 1)")
         if self.norm_eps <= 0:
             fail("norm_eps", "a positive float")
-        if self.position_offset < 0:
-            fail("position_offset", "a non-negative integer")
-        if self.type_vocab_size < 0:
-            fail("type_vocab_size", "a non-negative integer")
+        for name in ("position_offset", "type_vocab_size"):
+            if getattr(self, name) < 0:
+                fail(name, "a non-negative integer")
         if self.parallel_residual and self.norm_placement != "pre":
             fail("parallel_residual", "False unless norm_placement='pre'")
         if self.is_encoder_decoder and self.causal is False:
@@ -168,13 +165,6 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    def num_parameters_estimate(self) -> int:
-        """Rough parameter count, used by presets' docstrings and sanity checks."""
-        attn = self.d_model * self.dim_per_head * (self.n_heads * 2 + self.kv_heads * 2)
-        mlp = self.d_model * self.d_ff * (3 if self.gated_mlp else 2)
-        layers = self.n_layers + (self.decoder_layers if self.is_encoder_decoder else 0)
-        return layers * (attn + mlp) + self.vocab_size * self.d_model * (1 if self.tie_word_embeddings else 2)
 
 
 def alibi_slopes(n_heads: int) -> list[float]:

@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .model.cache import KVCache
+from .model.modes import evaluating
 
 StopIds = Optional[Union[int, Sequence[int]]]
 
@@ -140,9 +141,9 @@ def _resolve(params: Optional[SamplingParams], options: dict) -> SamplingParams:
         return from_keywords
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params={params!r}: expected a SamplingParams or None")
-    if from_keywords != SamplingParams():
-        defaults = SamplingParams()
-        changed = [k for k in options if getattr(defaults, k) != getattr(from_keywords, k)]
+    defaults = SamplingParams()
+    changed = [k for k in options if getattr(defaults, k) != getattr(from_keywords, k)]
+    if changed:
         raise ValueError(f"pass sampling options either as params= or as keywords, not both "
                          f"(got params and {', '.join(changed)})")
     return params
@@ -191,9 +192,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         raise ValueError(f"max_new_tokens={n_new}: {tokens.shape[1]} prompt tokens + {n_new} new ones "
                          f"exceed ModelConfig.max_seq_len={config.max_seq_len}")
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):  # no_grad inside inference mode: inference mode stays on
         cache = KVCache(capacity=tokens.shape[1] + n_new)
         if encoder_decoder:
             out = model(input_ids, attention_mask, decoder_input_ids=tokens, cache=cache)
@@ -225,8 +224,6 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
             else:
                 out = model(new[:, None], cache=cache)
             logits = out.logits[:, -1]                                               # (B, V)
-    finally:
-        model.train(was_training)
 
 
 def stream_generate(model, input_ids: torch.Tensor, *, params: Optional[SamplingParams] = None,
@@ -281,7 +278,5 @@ def generate(model, input_ids: torch.Tensor, *, params: Optional[SamplingParams]
     sequences = torch.cat([prefix, *[t[:, None] for t in new_tokens]], dim=1)        # (B, T + n)
     if not return_logits:
         return sequences
-    if step_logits:
-        return sequences, torch.stack(step_logits, dim=1)                           # (B, n, V)
-    vocab = model.config.vocab_size
-    return sequences, torch.empty(input_ids.shape[0], 0, vocab, device=input_ids.device)
+    empty = torch.empty(input_ids.shape[0], 0, model.config.vocab_size, device=input_ids.device)
+    return sequences, torch.stack(step_logits, dim=1) if step_logits else empty     # (B, n, V)
