@@ -1,9 +1,8 @@
 """Tokenizers for llmkit: load, train, save and chat-format, on top of the HF `tokenizers` library.
 
-The Rust `tokenizers` library already does the hard, fast part (normalize, pre-tokenize, BPE /
-WordPiece / Unigram, post-process) and defines the `tokenizer.json` format every HF checkpoint ships.
-This module only adds what a training toolkit needs around it: which token plays which role (bos,
-eos, pad, ...), the chat template, training helpers, and a `save` that HF `AutoTokenizer` reads back.
+The Rust library does the fast part (normalize, pre-tokenize, BPE / WordPiece / Unigram, post-process)
+and defines the `tokenizer.json` format; this module adds which token plays which role (bos, eos, pad,
+...), the chat template, training helpers, and a `save` that HF `AutoTokenizer` reads back.
 `transformers` is never imported here: it is a test-only peer.
 """
 
@@ -257,8 +256,7 @@ def train_bpe(files: str | os.PathLike | Sequence[str | os.PathLike] | None = No
     documents itself, and a hidden automatic BOS is what causes doubled BOS tokens.
     """
     roles = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
-    specials = _all_special_tokens(special_tokens, roles)
-    _check_bos_eos(bos_token, eos_token, add_bos, add_eos)
+    specials = _all_special_tokens(special_tokens, roles, add_bos, add_eos)
     minimum = len(specials) + BYTE_ALPHABET_SIZE
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= minimum:
         raise ValueError(f"vocab_size={vocab_size!r} is too small: expected an int > {minimum} "
@@ -288,14 +286,11 @@ def train_char(files: str | os.PathLike | Sequence[str | os.PathLike] | None = N
     never seen in training map to `unk_token` (with unk_token=None, encoding one raises instead).
     """
     roles = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
-    specials = _all_special_tokens(special_tokens, roles)
-    _check_bos_eos(bos_token, eos_token, add_bos, add_eos)
+    specials = _all_special_tokens(special_tokens, roles, add_bos, add_eos)
     chars: set[str] = set()
     for line in _corpus(files, texts):
         chars.update(line)
-    vocab = {token: i for i, token in enumerate(specials)}
-    for char in sorted(chars - set(vocab)):
-        vocab[char] = len(vocab)
+    vocab = {token: i for i, token in enumerate(specials + sorted(chars - set(specials)))}
     backend = _Backend(models.WordLevel(vocab, unk_token=unk_token or "<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -304,13 +299,18 @@ def train_char(files: str | os.PathLike | Sequence[str | os.PathLike] | None = N
     return Tokenizer(backend, roles)
 
 
-def _all_special_tokens(special_tokens: Sequence[str], roles: Mapping[str, str | None]) -> list[str]:
+def _all_special_tokens(special_tokens: Sequence[str], roles: Mapping[str, str | None], add_bos: bool,
+                        add_eos: bool) -> list[str]:
+    """Checked before training, so a bad argument fails at once rather than after a long run."""
     if isinstance(special_tokens, str):
         raise ValueError(f"special_tokens: expected a list of strings, got the string {special_tokens!r}")
     tokens = list(special_tokens) + [t for t in roles.values() if t is not None]
     for i, token in enumerate(tokens):
         if not isinstance(token, str) or not token:
             raise ValueError(f"special_tokens[{i}]: expected a non-empty string, got {token!r}")
+    for role, add in (("bos", add_bos), ("eos", add_eos)):
+        if add and roles[role] is None:
+            raise ValueError(f"add_{role}=True needs {role}_token, got None")
     return list(dict.fromkeys(tokens))  # de-duplicated, order kept: ids follow this order
 
 
@@ -341,14 +341,6 @@ def _lines(paths: list[Path]) -> Iterator[str]:
     for path in paths:
         with open(path, encoding="utf-8", newline="") as f:  # newline="" keeps "\r\n" as written
             yield from f
-
-
-def _check_bos_eos(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:
-    """Checked before training, so a bad flag fails at once rather than after a long run."""
-    if add_bos and bos is None:
-        raise ValueError("add_bos=True needs bos_token, got None")
-    if add_eos and eos is None:
-        raise ValueError("add_eos=True needs eos_token, got None")
 
 
 def _attach_bos_eos(backend: _Backend, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:
