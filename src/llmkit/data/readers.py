@@ -70,38 +70,45 @@ def _field(record: Any, text_field: str, where: str) -> str | None:
     return value
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    """JSON Lines; a .json file holding one JSON array of records is read whole instead."""
-    if path.name.lower().endswith(".json"):
-        with _open_text(path) as f:
-            head = f.read(4096).lstrip()
-        if head.startswith("["):
-            try:
-                records = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"'{path}': not valid JSON ({err})") from err
-            for i, record in enumerate(records):
-                text = _field(record, text_field, f"'{path}' record {i}")
-                if text:
-                    yield text
-            return
+def _json_records(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(kind, number, record): a .json file holding one JSON array gives ("record", i, item) numbered
+    from 0; anything else is JSON Lines, ("line", n, value) per non-blank line numbered from 1."""
     with _open_text(path) as f:
+        if path.name.lower().removesuffix(".gz").endswith(".json"):
+            is_array = f.read(4096).lstrip().startswith("[")
+            f.seek(0)
+            if is_array:
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"'{path}': not valid JSON ({err})") from err
+                yield from (("record", i, record) for i, record in enumerate(records))
+                return
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
-            text = _field(record, text_field, f"'{path}' line {lineno}")
-            if text:
-                yield text
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
+                yield "line", lineno, record
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for kind, number, record in _json_records(path):
+        text = _field(record, text_field, f"'{path}' {kind} {number}")
+        if text:
+            yield text
+
+
+def _table_reader(f, name: str) -> csv.DictReader:
+    """A TSV is read without quoting, as GLUE writes it (SST-2's sentences hold quote characters)."""
+    tsv = name.endswith(".tsv")
+    return csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
 
 
 def _iter_table(path: Path, text_field: str) -> Iterator[str]:
-    delimiter = "\t" if path.name.lower().endswith(".tsv") else ","
     with _open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        reader = _table_reader(f, path.name.lower())
         if reader.fieldnames is None or text_field not in reader.fieldnames:
             raise DataError(f"'{path}': no column {text_field!r} in the header (columns: {reader.fieldnames}); "
                             "set text_field= to the column holding the text")
@@ -129,30 +136,12 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
 def read_records(path: Path) -> tuple[list, list[int]]:
     """All rows of a table file -> (rows, their 1-based line numbers, for error messages).
 
-    .tsv / .csv (optionally .gz): dicts keyed by the header; a TSV is read without quoting, as GLUE
-    writes it (SST-2's sentences hold quote characters). .json holding one array: its items (numbered
-    from 0). Anything else is JSON Lines (.jsonl, .jsonl.gz): one value per non-blank line."""
+    .tsv / .csv (optionally .gz): dicts keyed by the header (data rows numbered from 1). .json holding
+    one array: its items (numbered from 0). Anything else is JSON Lines (.jsonl, .jsonl.gz)."""
     name = path.name.lower().removesuffix(".gz")
-    with _open_text(path) as f:
-        if name.endswith((".tsv", ".csv")):
-            tsv = name.endswith(".tsv")
-            reader = csv.DictReader(f, delimiter="\t" if tsv else ",",
-                                    quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-            records = list(reader)
-            return records, list(range(1, len(records) + 1))     # data rows, 1-based, header excluded
-        text = f.read()
-    if name.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"'{path}': not valid JSON ({err})") from err
-        return records, list(range(len(records)))
-    records, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"'{path}' line {lineno}: not valid JSON ({err.msg})") from err
-            lines.append(lineno)
-    return records, lines
+    if name.endswith((".tsv", ".csv")):
+        with _open_text(path) as f:
+            records = list(_table_reader(f, name))
+        return records, list(range(1, len(records) + 1))
+    rows = list(_json_records(path))
+    return [record for _, _, record in rows], [number for _, number, _ in rows]

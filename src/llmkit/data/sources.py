@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 from .errors import DataError
 from .readers import iter_files as _iter_files
 
-__all__ = ["iter_texts", "describe_source", "source_fingerprint", "resolve_paths", "DataError"]
+__all__ = ["iter_texts", "describe_source", "source_fingerprint", "resolve_paths", "is_file_source", "DataError"]
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".tsv", ".csv", ".parquet")
 _GLOB_CHARS = set("*?[")
@@ -52,9 +52,10 @@ def _looks_like_path(item: Any) -> bool:
     return item.lower().endswith(DATA_SUFFIXES)
 
 
-def _is_path_list(source: Any) -> bool:
-    return (isinstance(source, (list, tuple)) and len(source) > 0
-            and all(_looks_like_path(item) for item in source))
+def is_file_source(source: Any) -> bool:
+    """A path, or a non-empty list/tuple whose items all look like paths (see the module docstring)."""
+    return isinstance(source, (str, os.PathLike)) or (
+        isinstance(source, (list, tuple)) and len(source) > 0 and all(map(_looks_like_path, source)))
 
 
 def resolve_paths(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -96,9 +97,8 @@ def iter_texts(source: Any, *, text_field: str = "text", split_lines: bool | str
     if isinstance(source, str) and "\n" in source:
         raise DataError(f"source: got a string of text ({source[:40]!r}...), but a single string is read as a "
                         "path; to use it as a document, pass a list: [text]")
-    if isinstance(source, (str, os.PathLike)) or _is_path_list(source):
-        paths = resolve_paths(source)
-        return _iter_files(paths, text_field, mode)
+    if is_file_source(source):
+        return _iter_files(resolve_paths(source), text_field, mode)
     if _is_hf_dataset(source):
         return _iter_hf(source, text_field)
     if isinstance(source, dict):
@@ -112,7 +112,7 @@ def iter_texts(source: Any, *, text_field: str = "text", split_lines: bool | str
 
 def describe_source(source: Any) -> str:
     """A short human-readable description, stored in meta.json."""
-    if isinstance(source, (str, os.PathLike)) or _is_path_list(source):
+    if is_file_source(source):
         items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
         names = [os.fspath(i) for i in items]
         return "files: " + ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
@@ -127,7 +127,7 @@ def source_fingerprint(source: Any, text_field: str = "text", split_lines: bool 
     """A hash that changes when the source's content changes, or None when it cannot be known
     without reading it all (a generator). Files: path, size and mtime; lists: their content."""
     h = hashlib.sha256(f"{text_field}|{split_lines}".encode())
-    if isinstance(source, (str, os.PathLike)) or _is_path_list(source):
+    if is_file_source(source):
         for path in resolve_paths(source):
             st = path.stat()
             h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())

@@ -18,7 +18,7 @@ r::world_size of it. Texts are tokenized with the project's Tokenizer, truncated
 """
 from __future__ import annotations
 
-import os
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
@@ -29,7 +29,7 @@ from ..data import iter_texts
 from ..data.batches import StepBatches
 from ..data.errors import DataError
 from ..data.readers import read_records
-from ..data.sources import DATA_SUFFIXES, resolve_paths
+from ..data.sources import is_file_source, resolve_paths
 
 MODES = ("auto", "pairs", "labels", "texts")
 _ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".tsv", ".csv")
@@ -53,17 +53,10 @@ class ContrastiveExamples:
                        negatives=take(self.negatives), labels=take(self.labels))
 
 
-def _looks_like_path(item: Any) -> bool:
-    return isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item
-                                              and item.lower().endswith(DATA_SUFFIXES))
-
-
 def load_rows(source: Any, *, text_field: str = "text", split_lines: Any = True) -> list:
     """Rows (dicts) of table files (jsonl / json / tsv / csv), the strings of text files, or the
     items of an in-memory source (dicts, tuples or strings; an HF Dataset gives its row dicts)."""
-    is_paths = isinstance(source, (str, os.PathLike)) or (
-        isinstance(source, (list, tuple)) and source and all(map(_looks_like_path, source)))
-    if is_paths:
+    if is_file_source(source):
         paths = resolve_paths(source)
         tables = [p.name.lower().endswith(_ROW_SUFFIXES) for p in paths]
         if all(tables):
@@ -117,9 +110,7 @@ def read_examples(source: Any, *, mode: str = "auto", text_field: str = "text", 
 
 def check_labels(labels: Sequence, where: str) -> None:
     """At least two labels (negatives differ in label), each on at least two sentences (positives)."""
-    counts: dict = {}
-    for y in labels:
-        counts[y] = counts.get(y, 0) + 1
+    counts = Counter(labels)
     if len(counts) < 2:
         raise DataError(f"{where} holds one label ({next(iter(counts))!r}); expected at least two, so that "
                         "negatives have a different label")
@@ -134,9 +125,7 @@ def pairable(examples: ContrastiveExamples) -> Optional[ContrastiveExamples]:
     when fewer than two labels remain; other modes pass through."""
     if examples.labels is None:
         return examples
-    counts: dict = {}
-    for y in examples.labels:
-        counts[y] = counts.get(y, 0) + 1
+    counts = Counter(examples.labels)
     keep = [i for i, y in enumerate(examples.labels) if counts[y] >= 2]
     if len({examples.labels[i] for i in keep}) < 2:
         return None
