@@ -20,8 +20,9 @@ first `1 - val_fraction` of its tokens to train and the rest to val, exactly as 
 Writes are atomic: each shard goes to a temporary name and is renamed when complete, and meta.json
 is written last. A build interrupted at any point therefore leaves no meta.json; the next
 `build_shards` call sees that and rebuilds. Under torchrun, build on rank 0 only and let the other
-ranks wait at a barrier before `load_shards` (concurrent builds into one folder would collide). A complete build whose settings, tokenizer and source
-(paths, sizes, mtimes; or list contents) are unchanged is reused instead of rebuilt.
+ranks wait at a barrier before `load_shards` (concurrent builds into one folder would collide). A
+complete build whose settings, tokenizer and source (paths, sizes, mtimes; or list contents) are
+unchanged is reused instead of rebuilt.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # nanoGPT/fineweb uses 1e8 tokens per shard (200 MB at uint16)
 GROUP_DOCS = 1024  # documents assigned to train/val together; bounds memory
 SPLITS = ("train", "val")
+META_FILE = "meta.json"
 
 
 @dataclass
@@ -99,12 +101,8 @@ def _tokenized(docs: Iterator[str], tokenizer: Any, vocab_size: int, chunk: int 
             yield arr
 
 
-def _meta_path(out_dir: Path) -> Path:
-    return out_dir / "meta.json"
-
-
 def _read_meta(out_dir: Path) -> dict:
-    path = _meta_path(out_dir)
+    path = out_dir / META_FILE
     if not path.is_file():
         raise DataError(f"no meta.json in '{out_dir}': the shards were never built there or their build was "
                         "interrupted; run build_shards(...) to (re)build them")
@@ -114,18 +112,18 @@ def _read_meta(out_dir: Path) -> dict:
         raise DataError(f"'{path}' is not valid JSON ({err}); rebuild with build_shards(..., overwrite=True)") from err
 
 
-def _complete(out_dir: Path, meta: dict) -> bool:
+def _bad_shard(out_dir: Path, meta: dict, split: str) -> dict | None:
+    """The first shard of `split` that is missing or whose size differs from meta.json, else None."""
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        for f in meta["files"][split]:
-            p = out_dir / f["name"]
-            if not p.is_file() or p.stat().st_size != f["tokens"] * itemsize:
-                return False
-    return True
+    for f in meta["files"][split]:
+        p = out_dir / f["name"]
+        if not p.is_file() or p.stat().st_size != f["tokens"] * itemsize:
+            return f
+    return None
 
 
 def _clear(out_dir: Path) -> None:
-    _meta_path(out_dir).unlink(missing_ok=True)  # first: from here on the directory reads as incomplete
+    (out_dir / META_FILE).unlink(missing_ok=True)  # first: from here on the directory reads as incomplete
     for p in out_dir.iterdir():
         if p.is_file() and (p.name.endswith(".tmp") or (p.suffix == ".bin" and p.name.split("_")[0] in SPLITS)):
             p.unlink()
@@ -156,10 +154,10 @@ def build_shards(texts: Any, tokenizer: Any, out_dir: str | os.PathLike, *, val_
     fingerprint = None
     if src_fp is not None and tok_hash is not None:
         fingerprint = hashlib.sha256(json.dumps([FORMAT_VERSION, settings, tok_hash, src_fp]).encode()).hexdigest()
-    if not overwrite and fingerprint is not None and _meta_path(out_dir).is_file():
+    if not overwrite and fingerprint is not None and (out_dir / META_FILE).is_file():
         try:
-            meta = json.loads(_meta_path(out_dir).read_text(encoding="utf-8"))
-            if meta.get("fingerprint") == fingerprint and _complete(out_dir, meta):
+            meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
+            if meta.get("fingerprint") == fingerprint and not any(_bad_shard(out_dir, meta, s) for s in SPLITS):
                 return ShardInfo.from_meta(out_dir, meta, reused=True)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # unreadable: rebuild
@@ -200,7 +198,7 @@ def build_shards(texts: Any, tokenizer: Any, out_dir: str | os.PathLike, *, val_
             "settings": settings, "fingerprint": fingerprint}
     tmp = out_dir / f".meta.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, _meta_path(out_dir))
+    os.replace(tmp, out_dir / META_FILE)
     return ShardInfo.from_meta(out_dir, meta)
 
 
@@ -241,10 +239,8 @@ def load_shards(out_dir: str | os.PathLike, split: str = "train") -> ShardedToke
     if not files:
         raise DataError(f"'{out_dir}': split {split!r} has no tokens (built with "
                         f"val_fraction={meta['settings']['val_fraction']})")
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for f in files:
-        p = out_dir / f["name"]
-        if not p.is_file() or p.stat().st_size != f["tokens"] * itemsize:
-            raise DataError(f"shard '{p}' is missing or its size differs from meta.json ({f['tokens']} tokens); "
-                            "rebuild with build_shards(..., overwrite=True)")
+    bad = _bad_shard(out_dir, meta, split)
+    if bad is not None:
+        raise DataError(f"shard '{out_dir / bad['name']}' is missing or its size differs from meta.json "
+                        f"({bad['tokens']} tokens); rebuild with build_shards(..., overwrite=True)")
     return ShardedTokens([out_dir / f["name"] for f in files], meta["dtype"])

@@ -72,8 +72,7 @@ class ShardedTokens:
         return self._maps[s][i - self._starts[s]]
 
     def __array__(self, dtype=None, copy=None):
-        out = self[0:len(self)]
-        return np.asarray(out, dtype=dtype)
+        return np.asarray(self[0:len(self)], dtype=dtype)
 
     def __repr__(self) -> str:
         return f"ShardedTokens({len(self)} tokens, {len(self.paths)} files, dtype={self.dtype})"
