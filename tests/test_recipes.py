@@ -26,6 +26,8 @@ class Outer:
     name: str = "run"
     steps: int = 10
     train: Inner = field(default_factory=Inner)
+    note: Optional[str] = None
+    extra: dict = field(default_factory=dict)
 
 
 def test_builds_nested_sections_with_coercion():
@@ -69,3 +71,19 @@ def test_overrides_and_yaml_roundtrip(tmp_path):
         apply_overrides({}, ["train.lr"])
     with pytest.raises(RecipeError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_overrides_read_values_by_the_field_type():
+    words = ["name=Question: what is 2+2? Answer:", "note=null", "steps=7", "train.lr=1e-4", "train.clip=null",
+             "train.betas=[0.8, 0.9]", "extra={a: 1}", "train.schedule=linear"]
+    recipe = build(Outer, apply_overrides({}, words, Outer))
+    assert recipe.name == "Question: what is 2+2? Answer:" and recipe.note is None and recipe.steps == 7
+    assert (recipe.train.lr, recipe.train.clip, recipe.train.betas) == (1e-4, None, (0.8, 0.9))
+    assert recipe.extra == {"a": 1} and recipe.train.schedule == "linear"
+    text = apply_overrides({}, ["name=123", "note=[x]", "train.schedule=null"], Outer)
+    assert text == {"name": "123", "note": "[x]", "train": {"schedule": "null"}}   # text fields: the text
+    assert apply_overrides({}, ["name=123", "stpes=3"]) == {"name": 123, "stpes": 3}  # no schema: YAML
+    with pytest.raises(RecipeError, match=r"override 'steps=\[1': value is not valid YAML"):
+        apply_overrides({}, ["steps=[1"], Outer)
+    with pytest.raises(RecipeError, match=r"steps='x': expected int"):
+        build(Outer, apply_overrides({}, ["steps=x"], Outer))

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from .recipes import RecipeError, apply_overrides, build, load_yaml
@@ -19,6 +20,7 @@ from .recipes import RecipeError, apply_overrides, build, load_yaml
 class GenerateRecipe:
     model: str = "runs/demo/model"       # a Hugging Face or llmkit checkpoint folder (with its tokenizer)
     prompt: str = ""
+    prompt_file: Optional[str] = None    # or the prompt from a text file (without its final newline)
     max_new_tokens: int = 64
     do_sample: bool = True
     temperature: float = 0.8
@@ -26,6 +28,18 @@ class GenerateRecipe:
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        if self.prompt and self.prompt_file:
+            raise ValueError(f"prompt={self.prompt!r}, prompt_file={self.prompt_file!r}: expected one, not both")
+        if self.prompt_file and not Path(self.prompt_file).is_file():
+            raise ValueError(f"prompt_file={self.prompt_file!r}: file not found (expected a text file)")
+        from .generation import SamplingParams  # raises naming the field, the value and what was expected
+        SamplingParams(**self.sampling())
+
+    def sampling(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                              "repetition_penalty")}
 
 
 @dataclass
@@ -62,7 +76,7 @@ def _align_schema():
 
 
 def _eval_schema():
-    from .finetune.evaluate import EvalRecipe
+    from .finetune.eval_job import EvalRecipe
     return EvalRecipe
 
 
@@ -93,11 +107,19 @@ def describe_keys(schema, prefix: str = "") -> list[str]:
     return lines
 
 
-def read_words(words: list[str]) -> dict:
-    """[recipe.yaml] [key=value ...] -> the merged recipe mapping."""
+def read_words(words: list[str], schema: Optional[type] = None) -> dict:
+    """[recipe.yaml] [key=value ...] -> the merged recipe mapping (overrides read by `schema`'s types)."""
     recipe_path = words[0] if words and words[0].endswith((".yaml", ".yml")) else None
     overrides = words[1:] if recipe_path else words
-    return apply_overrides(load_yaml(recipe_path) if recipe_path else {}, overrides)
+    return apply_overrides(load_yaml(recipe_path) if recipe_path else {}, overrides, schema)
+
+
+# The project's own errors name the field or file, the value and what was expected: every command
+# ends on one with that line on stderr and status 2. Anything else is a bug and keeps its traceback.
+KNOWN_ERRORS = ("llmkit.recipes.RecipeError", "llmkit.config.ConfigError", "llmkit.data.errors.DataError",
+                "llmkit.io.errors.CheckpointError", "llmkit.peft.errors.PeftError",
+                "llmkit.train.trainer.TrainingDiverged", "llmkit.finetune.search.SearchError",
+                "builtins.FileNotFoundError")
 
 
 def main(argv=None) -> int:
@@ -111,19 +133,12 @@ def main(argv=None) -> int:
         sub.add_argument("words", nargs="*", metavar="[recipe.yaml] [key=value ...]")
     args = parser.parse_args(argv)
     try:
-        data = read_words(args.words)
-        if args.command in RUNNERS:
-            return _run_checked(args.command, RUNNERS[args.command], data)
-        job = build(COMMANDS[args.command][1](), data)
-        if args.command == "generate":
-            run_generate(job)
-        elif args.command == "convert":
-            run_convert(job)
-        else:
-            from .demo import run_demo
-            run_demo(out_dir=job.out, steps=job.steps, seed=job.seed)
-    except RecipeError as exc:
-        print(f"llmkit {args.command}: {exc}", file=sys.stderr)
+        RUNNERS[args.command](read_words(args.words, COMMANDS[args.command][1]()))
+    except Exception as exc:
+        if not any(f"{c.__module__}.{c.__qualname__}" in KNOWN_ERRORS for c in type(exc).__mro__):
+            raise
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"llmkit {args.command}: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -139,7 +154,7 @@ def run_finetune_command(data: dict) -> None:
 
 
 def run_eval_command(data: dict) -> None:
-    from .finetune.evaluate import EvalRecipe, run_eval
+    from .finetune.eval_job import EvalRecipe, run_eval
     run_eval(build(EvalRecipe, data))
 
 
@@ -155,44 +170,39 @@ def run_align_command(data: dict) -> None:
     run_align(parse_align_recipe(data))
 
 
-# Commands whose runner takes the merged recipe mapping; bad data or config values they raise
-# (DataError, ConfigError: ValueErrors naming the row / field) end the command with a message.
-RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
-           "tune": run_tune_command, "align": run_align_command}
-
-
-def _run_checked(command: str, runner, data: dict) -> int:
-    from .config import ConfigError
-    from .data.errors import DataError
-    try:
-        runner(data)
-    except (RecipeError, DataError, ConfigError) as exc:
-        print(f"llmkit {command}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def run_generate(job: GenerateRecipe) -> None:
+def run_generate_command(data: dict) -> None:
     import torch
 
     from .generation import generate
     from .io import load_any
     from .tokenizer import load_tokenizer
+    job = build(GenerateRecipe, data)
+    prompt = Path(job.prompt_file).read_text(encoding="utf-8").removesuffix("\n") if job.prompt_file else job.prompt
     model, tokenizer = load_any(job.model), load_tokenizer(job.model)
-    ids = tokenizer.encode(job.prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
-    out = generate(model, torch.tensor([ids]), max_new_tokens=job.max_new_tokens, do_sample=job.do_sample,
-                   temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
-                   repetition_penalty=job.repetition_penalty, generator=torch.Generator().manual_seed(job.seed))
+    ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
+    out = generate(model, torch.tensor([ids]), **job.sampling(), generator=torch.Generator().manual_seed(job.seed))
     print(tokenizer.decode(out[0].tolist()))
 
 
-def run_convert(job: ConvertRecipe) -> None:
+def run_convert_command(data: dict) -> None:
     from .io import load_any, save_hf, save_llmkit
+    job = build(ConvertRecipe, data)
     if not job.source or not job.target:
         raise RecipeError(f"convert: source={job.source!r} target={job.target!r}: expected two folders")
     model = load_any(job.source)
     (save_hf if job.format == "hf" else save_llmkit)(model, job.target)
     print(f"wrote {job.target} ({job.format})")
+
+
+def run_demo_command(data: dict) -> None:
+    from .demo import run_demo
+    job = build(DemoRecipe, data)
+    run_demo(out_dir=job.out, steps=job.steps, seed=job.seed)
+
+
+RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
+           "tune": run_tune_command, "align": run_align_command, "generate": run_generate_command,
+           "convert": run_convert_command, "demo": run_demo_command}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 A recipe maps onto a dataclass schema, section by section. Every key is checked: an unknown key
 is an error naming it and the closest valid key; a value of the wrong type is an error naming the
 dotted field, the value and the expected type. `key=value` overrides use dotted paths and YAML
-syntax for the value (`train.lr=1e-3`, `train.betas=[0.9,0.95]`, `model.sliding_window=null`).
+syntax for the value (`train.lr=1e-3`, `train.betas=[0.9,0.95]`, `model.sliding_window=null`);
+a text field takes its value as it is (`prompt=Question: 2+2? Answer:`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -37,18 +38,26 @@ def load_yaml(path: Union[str, Path]) -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings (values parsed as YAML) onto a nested dict, in place."""
+def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = None) -> dict:
+    """Apply `a.b.c=value` strings onto a nested dict, in place. A value is YAML, except for a field
+    of `schema` typed `str` / `Optional[str]`: that takes the text as it is (`null`: None)."""
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r}: expected key=value (e.g. train.lr=1e-3)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"override {item!r}: value is not valid YAML ({exc})") from exc
-        node = data
         parts = key.strip().split(".")
+        hint = schema  # the type of the field the key names, if the schema has it
+        for part in parts:
+            hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
+        options = set(typing.get_args(hint)) if typing.get_origin(hint) in (Union, types.UnionType) else {hint}
+        if options - {type(None)} == {str} or raw == "":
+            value = None if raw == "null" and type(None) in options else raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise RecipeError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -74,9 +83,7 @@ def build(schema: type, data: Any, where: str = "") -> Any:
         kwargs[key] = coerce(hints[key], value, dotted)
     try:
         return schema(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
-    except ValueError as exc:  # the dataclass's own validation (field, value, expectation)
+    except (TypeError, ValueError) as exc:  # a required field is missing; the dataclass's own validation
         raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
 
 
@@ -87,14 +94,13 @@ def coerce(hint: Any, value: Any, dotted: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for option in options:
             try:
                 return coerce(option, value, dotted)
             except RecipeError as exc:
-                errors.append(exc)
-        raise errors[-1] if len([a for a in args if a is not type(None)]) == 1 else RecipeError(
-            f"{dotted}={value!r}: expected {_name(hint)}")
+                error = exc
+        raise error if len(options) == 1 else RecipeError(f"{dotted}={value!r}: expected {_name(hint)}")
     if origin is typing.Literal:
         if value not in args:
             raise RecipeError(f"{dotted}={value!r}: expected one of {list(args)}")

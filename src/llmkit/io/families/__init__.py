@@ -5,11 +5,11 @@
 - `TASKS`: llmkit task -> HF architecture class name written on export;
 - `config_from_hf(hf_dict, source)` / `config_to_hf(config, task)`;
 - `rules(config, task)`: the `Rule` list mapping every llmkit tensor to its HF name;
-- `IGNORED`: regexes of HF tensors that carry no weights (cached masks, rotary tables).
+- `IGNORED`: regexes of HF tensors that carry no weights (cached masks, rotary tables);
+- `task_from_architectures(architectures, source)` / `is_ignorable(name)`, made with `common`.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -27,18 +27,3 @@ def family_for_model_type(model_type: Optional[str], source: Path) -> ModuleType
         raise CheckpointError(f"{source}: key 'model_type': expected one of {sorted(_BY_MODEL_TYPE)}, "
                               f"found {model_type!r}")
     return _BY_MODEL_TYPE[model_type]
-
-
-def task_from_architectures(architectures, mapping: dict[str, str], default: str, source: Path) -> str:
-    """Pick the llmkit task from config.json's `architectures` (first known class wins)."""
-    for name in architectures or []:
-        if name in mapping:
-            return mapping[name]
-    if architectures:
-        raise CheckpointError(f"{source}: key 'architectures': expected one of {sorted(mapping)}, "
-                              f"found {architectures!r} (pass task=... to choose a head)")
-    return default
-
-
-def ignorable(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(re.search(p, name) for p in patterns)

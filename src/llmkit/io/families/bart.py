@@ -17,6 +17,7 @@ from pathlib import Path
 from ...config import ModelConfig
 from ..errors import CheckpointError
 from ..rules import Rule, choice, field, linear, single_token_id
+from .common import expect, ignorer, task_picker
 
 MODEL_TYPES = ("bart",)
 PREFIXES = ("model.",)
@@ -39,15 +40,9 @@ _LAYOUT = {"normalize_before": False, "add_final_layer_norm": False, "normalize_
 LAYER_NORM_EPS = 1e-5
 
 
-def task_from_architectures(architectures, source: Path) -> str:
-    from . import task_from_architectures as pick
-    mapping = {"BartForConditionalGeneration": "seq2seq_lm", "BartModel": "seq2seq_lm"}
-    return pick(architectures, mapping, "seq2seq_lm", source)
-
-
-def is_ignorable(name: str) -> bool:
-    from . import ignorable
-    return ignorable(name, IGNORED)
+task_from_architectures = task_picker({"BartForConditionalGeneration": "seq2seq_lm", "BartModel": "seq2seq_lm"},
+                                      "seq2seq_lm")
+is_ignorable = ignorer(IGNORED)
 
 
 def _same(hf: dict, key: str, like: str, value: int, source: Path) -> None:
@@ -58,10 +53,7 @@ def _same(hf: dict, key: str, like: str, value: int, source: Path) -> None:
 
 
 def config_from_hf(hf: dict, source: Path) -> ModelConfig:
-    for key, expected in _LAYOUT.items():
-        if key in hf and hf[key] is not None and hf[key] != expected:
-            raise CheckpointError(f"{source}: key {key!r}: expected {expected!r} (BART's post-norm "
-                                  f"layout; mBART-style variants are not supported), found {hf[key]!r}")
+    expect(hf, _LAYOUT, source, "BART's post-norm layout; mBART-style variants are not supported")
     n_heads = field(hf, "encoder_attention_heads", source)
     d_ff = field(hf, "encoder_ffn_dim", source)
     _same(hf, "decoder_attention_heads", "encoder_attention_heads", n_heads, source)

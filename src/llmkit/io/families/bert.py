@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...config import ModelConfig
-from ..errors import CheckpointError
 from ..rules import Rule, choice, field, linear, single_token_id
+from .common import expect, ignorer, task_picker
 
 MODEL_TYPES = ("bert",)
 PREFIXES = ("bert.",)
@@ -34,26 +34,13 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 _EXPORT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 
-def task_from_architectures(architectures, source: Path) -> str:
-    from . import task_from_architectures as pick
-    return pick(architectures, {v: k for k, v in TASKS.items()}, "masked_lm", source)
-
-
-def is_ignorable(name: str) -> bool:
-    from . import ignorable
-    return ignorable(name, IGNORED)
-
-
-def _expect(hf: dict, key: str, expected, source: Path) -> None:
-    if key in hf and hf[key] is not None and hf[key] != expected:
-        raise CheckpointError(f"{source}: key {key!r}: expected {expected!r} (the only layout llmkit "
-                              f"builds), found {hf[key]!r}")
+task_from_architectures = task_picker({v: k for k, v in TASKS.items()}, "masked_lm")
+is_ignorable = ignorer(IGNORED)
 
 
 def config_from_hf(hf: dict, source: Path) -> ModelConfig:
-    _expect(hf, "position_embedding_type", "absolute", source)
-    _expect(hf, "is_decoder", False, source)
-    _expect(hf, "add_cross_attention", False, source)
+    expect(hf, {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False}, source,
+           "the only layout llmkit builds")
     return ModelConfig(
         family="bert", vocab_size=field(hf, "vocab_size", source), d_model=field(hf, "hidden_size", source),
         n_layers=field(hf, "num_hidden_layers", source), n_heads=field(hf, "num_attention_heads", source),

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...config import ModelConfig
-from ..errors import CheckpointError
 from ..rules import Rule, choice, field, linear, single_token_id
+from .common import expect, ignorer, task_picker
 
 MODEL_TYPES = ("gpt2",)
 PREFIXES = ("transformer.",)
@@ -23,22 +23,13 @@ LAYOUT = {"attn_bias": True, "attn_out_bias": True, "mlp_bias": True, "norm_bias
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 
-def task_from_architectures(architectures, source: Path) -> str:
-    from . import task_from_architectures as pick
-    return pick(architectures, {"GPT2LMHeadModel": "causal_lm", "GPT2Model": "causal_lm"}, "causal_lm", source)
-
-
-def is_ignorable(name: str) -> bool:
-    from . import ignorable
-    return ignorable(name, IGNORED)
+task_from_architectures = task_picker({"GPT2LMHeadModel": "causal_lm", "GPT2Model": "causal_lm"}, "causal_lm")
+is_ignorable = ignorer(IGNORED)
 
 
 def config_from_hf(hf: dict, source: Path) -> ModelConfig:
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise CheckpointError(f"{source}: key {flag!r}: expected false (not supported), found {hf[flag]!r}")
-    if hf.get("scale_attn_weights", True) is not True:
-        raise CheckpointError(f"{source}: key 'scale_attn_weights': expected true, found {hf['scale_attn_weights']!r}")
+    expect(hf, {"scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+                "scale_attn_weights": True}, source, "the only GPT-2 attention llmkit builds")
     d_model = field(hf, "n_embd", source)
     return ModelConfig(
         family="gpt2", vocab_size=field(hf, "vocab_size", source), d_model=d_model,

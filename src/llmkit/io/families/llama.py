@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...config import ModelConfig
 from ..rules import Rule, choice, field, linear, read_rope, single_token_id, write_rope
+from .common import ignorer, task_picker
 
 MODEL_TYPES = ("llama", "mistral")
 PREFIXES = ("model.",)
@@ -21,15 +22,9 @@ ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
 _CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral"}
 
 
-def task_from_architectures(architectures, source: Path) -> str:
-    from . import task_from_architectures as pick
-    mapping = {f"{cls}ForCausalLM": "causal_lm" for cls in _CLASS_PREFIX.values()}
-    return pick(architectures, mapping, "causal_lm", source)
-
-
-def is_ignorable(name: str) -> bool:
-    from . import ignorable
-    return ignorable(name, IGNORED)
+task_from_architectures = task_picker({f"{cls}ForCausalLM": "causal_lm" for cls in _CLASS_PREFIX.values()},
+                                      "causal_lm")
+is_ignorable = ignorer(IGNORED)
 
 
 def config_from_hf(hf: dict, source: Path) -> ModelConfig:
