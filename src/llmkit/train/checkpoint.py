@@ -21,6 +21,7 @@ by parameter name, so a checkpoint from N ranks loads in a single process and th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -155,7 +156,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "rng": [{"python": r["python"], "numpy": r["numpy"]} for r in rng_states],
              **(extra_state or {})}
-    _write_file(tmp / STATE_FILE, json.dumps(state, indent=1).encode("utf-8"))
+    (tmp / STATE_FILE).write_bytes(json.dumps(state, indent=1).encode("utf-8"))
+    _fsync(tmp / STATE_FILE)
     _fsync_dir(tmp)
 
     if final.exists():                       # a re-run over an older timeline: swap, then delete
@@ -219,29 +221,18 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[
     _fsync(path)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # best effort: some filesystems cannot fsync a directory
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _prune(out_dir: str | Path, current_step: int, keep_last: int) -> None:

@@ -43,12 +43,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if param.dim() >= 2 else no_decay).append(param)
     if not decay and not no_decay:
         raise ValueError("the model has no parameter with requires_grad=True: there is nothing to train")
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "group": "decay"})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "group": "no_decay"})
-    return groups
+    groups = ({"params": decay, "weight_decay": weight_decay, "group": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"})
+    return [group for group in groups if group["params"]]
 
 
 def fused_kernel_fits(groups: list[dict]) -> bool:
@@ -67,13 +64,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     groups = parameter_groups(model, config.weight_decay)
     if config.optimizer in ("adamw", "adam"):
         cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        fused = None
-        if config.fused_optimizer:
-            if not fused_kernel_fits(groups):
-                found = sorted({f"{p.device.type}/{p.dtype}" for g in groups for p in g["params"]})
-                raise ValueError(f"TrainConfig.fused_optimizer=True: expected floating-point parameters on one CPU "
-                                 f"or CUDA device, found {found}")
-            fused = True
+        if config.fused_optimizer and not fused_kernel_fits(groups):
+            found = sorted({f"{p.device.type}/{p.dtype}" for g in groups for p in g["params"]})
+            raise ValueError(f"TrainConfig.fused_optimizer=True: expected floating-point parameters on one CPU "
+                             f"or CUDA device, found {found}")
+        fused = True if config.fused_optimizer else None  # None: torch's default implementation
         return cls(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
