@@ -130,7 +130,6 @@ def knn_accuracy(queries: torch.Tensor, query_labels: Sequence, keys: torch.Tens
     return sum(p == y for p, y in zip(predictions, query_labels)) / len(predictions)
 
 
-@torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
                  block_size: int = 128, batch_size: int = 64) -> torch.Tensor:
     """(N, d) embeddings in eval mode, batched by length (less padding), in the order of `texts`."""
@@ -304,7 +303,6 @@ class ContrastiveObjective:
                              "config has dropout=0 and attn_dropout=0: expected model.dropout > 0 (SimCSE uses "
                              "0.1), or supply positive pairs")
 
-    @torch.no_grad()
     def evaluate(self, model, batches) -> dict[str, float]:
         """Mean in-batch recall@1 (and knn1_acc with labels) over `batches`, in eval mode."""
         sums, n = {}, 0

@@ -72,8 +72,7 @@ def poisson_span_lengths(num_to_mask: int, generator: torch.Generator, poisson_l
     is a span that covers nothing and becomes an inserted <mask> (BART §2.2, text infilling)."""
     if poisson_lambda <= 0:
         raise ValueError(f"poisson_lambda={poisson_lambda!r}: expected a positive rate")
-    lengths: list[int] = []
-    total = 0
+    lengths, total = [], 0
     while total < num_to_mask:
         chunk = max(8, math.ceil((num_to_mask - total) / poisson_lambda) + 4)
         for length in torch.poisson(torch.full((chunk,), float(poisson_lambda)), generator=generator).long().tolist():
@@ -169,18 +168,13 @@ def apply_noise(tokens, noise: Sequence[str], generator: torch.Generator, *, mas
     if mask_id is None and {"token_masking", "span_infilling"} & set(names):
         raise ValueError(f"noise={list(names)} needs a mask token: expected mask_id (the tokenizer's "
                          "'mask' role, e.g. '<mask>')")
+    steps = {"sentence_permutation": lambda x: sentence_permutation(x, sentence_end_ids, generator),
+             "document_rotation": lambda x: document_rotation(x, generator),
+             "token_deletion": lambda x: token_deletion(x, mask_ratio, generator),
+             "token_masking": lambda x: token_masking(x, mask_id, mask_ratio, generator),
+             "span_infilling": lambda x: span_infilling(x, mask_id, mask_ratio, generator, poisson_lambda)}
     x = _as_ids(tokens)
     for name in NOISE_ORDER:
-        if name not in names:
-            continue
-        if name == "sentence_permutation":
-            x = sentence_permutation(x, sentence_end_ids, generator)
-        elif name == "document_rotation":
-            x = document_rotation(x, generator)
-        elif name == "token_deletion":
-            x = token_deletion(x, mask_ratio, generator)
-        elif name == "token_masking":
-            x = token_masking(x, mask_id, mask_ratio, generator)
-        else:
-            x = span_infilling(x, mask_id, mask_ratio, generator, poisson_lambda)
+        if name in names:
+            x = steps[name](x)
     return x
