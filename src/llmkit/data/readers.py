@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,15 +46,9 @@ def _iter_txt(path: Path, mode: str) -> Iterator[str]:
                 if line:
                     yield line
         else:  # paragraphs: runs of non-blank lines
-            paragraph: list[str] = []
-            for line in f:
-                if line.strip():
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "".join(paragraph).rstrip("\r\n")
-                    paragraph = []
-            if paragraph:
-                yield "".join(paragraph).rstrip("\r\n")
+            for nonblank, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+                if nonblank:
+                    yield "".join(lines).rstrip("\r\n")
 
 
 def _field(record: Any, text_field: str, where: str) -> str | None:

@@ -154,10 +154,10 @@ def _split_mode(split_lines: bool | str) -> str:
     raise DataError(f"split_lines={split_lines!r}: expected False (whole file), True/'lines' or 'paragraphs'")
 
 
-def _iter_strings(texts: Iterable[Any]) -> Iterator[str]:
+def _iter_strings(texts: Iterable[Any], name: str = "texts") -> Iterator[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise DataError(f"texts[{i}]: expected a string, got {type(text).__name__}")
+            raise DataError(f"{name}[{i}]: expected a string, got {type(text).__name__}")
         if text:
             yield text
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .batches import _Batches, _check_int
 from .errors import DataError
-from .sources import iter_texts
+from .sources import _iter_strings, iter_texts
 
 __all__ = ["StreamingBatches"]
 
@@ -62,11 +62,7 @@ class StreamingBatches(_Batches):
         texts = self.texts_factory()
         if isinstance(texts, str) or not isinstance(texts, Iterable):
             raise DataError(f"texts_factory() must return an iterable of strings, got {type(texts).__name__}")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise DataError(f"texts_factory(): item {i} is {type(text).__name__}, expected a string")
-            if text:
-                yield text
+        yield from _iter_strings(texts, "texts_factory()")
 
     def blocks(self) -> Iterator[np.ndarray]:
         """All blocks of one pass, in order: int64 arrays of block_size + 1 tokens."""

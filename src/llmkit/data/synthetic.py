@@ -104,8 +104,7 @@ def exact_match(predictions: Sequence[str], examples: Sequence[Example | str | d
 
 
 def _other_number(rng: random.Random, value: int, deltas: Sequence[int]) -> str:
-    options = [value + d for d in deltas if d and value + d >= 0]
-    return str(rng.choice(options))
+    return str(rng.choice([value + d for d in deltas if d and value + d >= 0]))
 
 
 def _mutate(rng: random.Random, s: str) -> str:

@@ -135,12 +135,11 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, pooling: str = "mean
     """(N, d) embeddings in eval mode, batched by length (less padding), in the order of `texts`."""
     ids = encode_truncated(tokenizer, list(texts), block_size)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    pad = tokenizer.pad_id
     out = [None] * len(ids)
     with evaluating(model) as device:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            input_ids, mask = pad_views([[ids[i]] for i in chunk], pad)               # (b, 1, T)
+            input_ids, mask = pad_views([[ids[i]] for i in chunk], tokenizer.pad_id)    # (b, 1, T)
             z = embed(model, input_ids[:, 0].to(device), mask[:, 0].to(device), pooling=pooling,
                       normalize=normalize)                                              # (b, d)
             for i, row in zip(chunk, z.cpu()):

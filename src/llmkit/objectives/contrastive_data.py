@@ -94,10 +94,9 @@ def read_examples(source: Any, *, mode: str = "auto", text_field: str = "text", 
             if not all(len(r) in (2, 3) for r in rows):
                 raise DataError("pairs: expected (anchor, positive) or (anchor, positive, negative) tuples")
             rows = [dict(zip((anchor_field, positive_field, negative_field), r)) for r in rows]
-        has_neg = negative_field in rows[0]
-        fields = (anchor_field, positive_field) + ((negative_field,) if has_neg else ())
-        cols = [_column(rows, f) for f in fields]
-        return ContrastiveExamples("pairs", cols[0], cols[1], cols[2] if has_neg else None)
+        anchors, positives = _column(rows, anchor_field), _column(rows, positive_field)
+        negatives = _column(rows, negative_field) if negative_field in rows[0] else None
+        return ContrastiveExamples("pairs", anchors, positives, negatives)
     if mode == "labels":
         texts, labels = _column(rows, text_field), _column(rows, label_field, text=False)
         check_labels(labels, f"labels: column {label_field!r}")

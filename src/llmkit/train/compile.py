@@ -26,10 +26,8 @@ class CompileClock:
     """Seconds spent inside torch.compile since `start()`, summed over every (re)compilation."""
 
     def __init__(self):
-        self.seconds = 0.0
-        self.compiles = 0
-        self._began = None
-        self._handler = None
+        self.seconds, self.compiles = 0.0, 0
+        self._began = self._handler = None
 
     def _on_start(self, _args) -> None:
         self._began = time.perf_counter()
