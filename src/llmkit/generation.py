@@ -269,11 +269,8 @@ def generate(model, input_ids: torch.Tensor, *, params: Optional[SamplingParams]
         new_tokens.append(new)
         if return_logits:
             step_logits.append(logits)
-    if model.config.is_encoder_decoder:
-        prefix = torch.full((input_ids.shape[0], 1), _decoder_start(model.config), dtype=torch.long,
-                            device=input_ids.device)                                  # (B, 1)
-    else:
-        prefix = input_ids
+    prefix = (input_ids.new_full((input_ids.shape[0], 1), _decoder_start(model.config))   # (B, 1)
+              if model.config.is_encoder_decoder else input_ids)
     # Outside inference mode: torch.cat/stack of inference tensors give normal tensors.
     sequences = torch.cat([prefix, *[t[:, None] for t in new_tokens]], dim=1)        # (B, T + n)
     if not return_logits:

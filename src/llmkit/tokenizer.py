@@ -152,12 +152,9 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         token_map = {f"{role}_token": token for role, token in self.special_tokens.items()}
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
-                                  "clean_up_tokenization_spaces": False, **token_map}
-        if self.model_max_length is not None:
-            config["model_max_length"] = self.model_max_length
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+        optional = {"model_max_length": self.model_max_length, "chat_template": self.chat_template}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **token_map,
+                  **{key: value for key, value in optional.items() if value is not None}}
         _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
         _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         _write_atomic(directory / "special_tokens_map.json", json.dumps(token_map, indent=2, ensure_ascii=False))

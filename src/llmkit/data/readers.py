@@ -58,9 +58,7 @@ def _field(record: Any, text_field: str, where: str) -> str | None:
         raise DataError(f"{where}: missing field {text_field!r} (fields present: {sorted(record)[:20]}); "
                         "set text_field= to the field holding the text")
     value = record[text_field]
-    if value is None:
-        return None
-    if not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         raise DataError(f"{where}: field {text_field!r} must be a string, got {type(value).__name__}")
     return value
 

@@ -137,8 +137,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
     unique, aliases = _dedupe_shared(model_sd)
