@@ -185,23 +185,21 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except Exception as err:  # the Rust side raises a bare Exception for bad JSON and bad schemas
         raise ValueError(f"'{json_file}' is not a valid tokenizer.json: {err}") from err
 
-    directory = json_file.parent
-    config = _read_json_object(directory / "tokenizer_config.json")
-    token_map = _read_json_object(directory / "special_tokens_map.json")
+    config_file, map_file = json_file.with_name("tokenizer_config.json"), json_file.with_name("special_tokens_map.json")
+    config, token_map = _read_json_object(config_file), _read_json_object(map_file)
     special_tokens = {}
     for role in SPECIAL_ROLES:
         key = f"{role}_token"
-        special_tokens[role] = (_token_content(config.get(key), directory / "tokenizer_config.json", key)
-                                or _token_content(token_map.get(key), directory / "special_tokens_map.json", key))
+        special_tokens[role] = (_token_content(config.get(key), config_file, key)
+                                or _token_content(token_map.get(key), map_file, key))
 
-    chat_template = _chat_template_from_config(config, directory / "tokenizer_config.json")
-    jinja_file = directory / "chat_template.jinja"
+    chat_template = _chat_template_from_config(config, config_file)
+    jinja_file = json_file.with_name("chat_template.jinja")
     if jinja_file.is_file():
         chat_template = jinja_file.read_text(encoding="utf-8")
     max_length = config.get("model_max_length")
     if max_length is not None and not isinstance(max_length, int):
-        raise ValueError(f"'{directory / 'tokenizer_config.json'}': field 'model_max_length' must be an int, "
-                         f"got {max_length!r}")
+        raise ValueError(f"'{config_file}': field 'model_max_length' must be an int, got {max_length!r}")
     return Tokenizer(backend, special_tokens, chat_template, max_length)
 
 

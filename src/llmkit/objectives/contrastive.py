@@ -29,6 +29,7 @@ and kNN accuracy (a query takes the majority label of its k nearest reference em
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Optional, Sequence
 
 import torch
@@ -115,13 +116,8 @@ def knn_predict(queries: torch.Tensor, keys: torch.Tensor, key_labels: Sequence,
     whose member ranks nearest."""
     sims = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # (Q, N)
     top = sims.topk(min(k, keys.shape[0]), dim=-1).indices.tolist()                  # nearest first
-    predictions = []
-    for row in top:
-        labels = [key_labels[j] for j in row]
-        counts = {y: labels.count(y) for y in labels}
-        best = max(counts.values())
-        predictions.append(next(y for y in labels if counts[y] == best))
-    return predictions
+    # most_common sorts stably, so among tied counts the label seen first (nearest) wins
+    return [Counter(key_labels[j] for j in row).most_common(1)[0][0] for row in top]
 
 
 def knn_accuracy(queries: torch.Tensor, query_labels: Sequence, keys: torch.Tensor, key_labels: Sequence,
