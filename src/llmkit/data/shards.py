@@ -68,9 +68,6 @@ class ShardInfo:
     reused: bool = False
     meta: dict = field(default_factory=dict, repr=False)
 
-    def tokens(self, split: str = "train") -> "ShardedTokens":
-        return load_shards(self.out_dir, split)
-
     @classmethod
     def from_meta(cls, out_dir: Path, meta: dict, reused: bool = False) -> "ShardInfo":
         return cls(out_dir=Path(out_dir), dtype=meta["dtype"], vocab_size=meta["vocab_size"],
