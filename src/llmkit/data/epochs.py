@@ -10,7 +10,7 @@ sees exactly the same batches.
 """
 from __future__ import annotations
 
-import random
+import numpy as np
 
 from .errors import DataError
 
@@ -37,11 +37,10 @@ class EpochBatches:
         """Items an epoch serves."""
         return len(self) * self.batch_size if self.drop_last else len(self.items)
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int) -> np.ndarray:
         if getattr(self, "_cached", (None,))[0] != epoch:      # one shuffle per epoch, not per batch
-            order = list(range(len(self.items)))
-            if self.shuffle:
-                random.Random(f"{self.seed}|{epoch}").shuffle(order)
+            n = len(self.items)
+            order = np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle else np.arange(n)
             self._cached = (epoch, order)
         return self._cached[1]
 
