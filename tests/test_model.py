@@ -124,8 +124,8 @@ class CachedPrefix(nn.Module):
         super().__init__()
         self.k, self.v = k, v
 
-    def forward(self, batch_size):
-        return self.k.expand(batch_size, -1, -1, -1), self.v.expand(batch_size, -1, -1, -1)
+    def forward(self, x):
+        return self.k.expand(x.shape[0], -1, -1, -1), self.v.expand(x.shape[0], -1, -1, -1)
 
 
 def test_kv_prefix_equals_prepending_the_tokens():

@@ -36,8 +36,8 @@ class Prefix(nn.Module):
         super().__init__()
         self.k, self.v = (nn.Parameter(torch.zeros(1, n_kv, length, head_dim)) for _ in range(2))
 
-    def forward(self, batch_size: int):
-        return self.k.expand(batch_size, -1, -1, -1), self.v.expand(batch_size, -1, -1, -1)
+    def forward(self, x):
+        return self.k.expand(x.shape[0], -1, -1, -1), self.v.expand(x.shape[0], -1, -1, -1)
 
 
 @dataclass
@@ -190,7 +190,7 @@ def test_slot_combine_rules():
     prefix = AdapterSlot("prefix")
     prefix.adapters.update({"p": Prefix(2, 3, 5), "q": Prefix(2, 1, 5)})
     prefix.set_active(["p", "q"])
-    k, v = prefix(4)
+    k, v = prefix(torch.zeros(4, 6, 8))
     assert k.shape == v.shape == (4, 2, 4, 5)
 
 

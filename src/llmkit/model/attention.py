@@ -11,9 +11,11 @@ dropout.py's cheap keep mask) because SDPA has no fused CPU kernel with dropout;
 goes through SDPA.
 
 Extension point for PEFT: `kv_prefix` (None by default) is a module called as
-`kv_prefix(batch_size) -> (k, v)`, each (B, n_kv_heads, P, head_dim), or None for no prefix. The
-P prefix positions are prepended to the keys and values of every forward pass and are always
-visible (prefix tuning, P-tuning v2). They are never written into the KV cache and take no position.
+`kv_prefix(x) -> (k, v)` with x the attention input (B, T, d) and k, v each
+(B, n_kv_heads, P, head_dim), or None for no prefix. The P prefix positions are prepended to the
+keys and values of every forward pass and are always visible (prefix tuning, P-tuning v2, APT).
+They are never written into the KV cache. A PEFT prefix (an AdapterSlot) acts as P past tokens:
+the stack starts the real tokens' positions at P (transformer.py), as HF peft's past_key_values do.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
         self.cross = cross
+        self.causal = config.causal and not cross          # the stack sets its own
         d = config.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=config.attn_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
@@ -77,7 +80,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer, k, v)                                    # (B, nkv, Tk, hd)
 
-        prefix = self.kv_prefix(B) if self.kv_prefix is not None else None
+        prefix = self.kv_prefix(x) if self.kv_prefix is not None else None
         if prefix is not None:
             pk, pv = prefix                                                         # (B, nkv, P, hd)
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)

@@ -7,11 +7,17 @@ lists its extension points in `adapter_slots` (name -> combine rule), each None 
 
 - "serial":   x -> a_k(... a_1(x))                      (Block.post_attn_adapter, post_mlp_adapter)
 - "parallel": h -> Σ_i a_i(h)                           (Block.parallel_attn, parallel_mlp)
-- "prefix":   B -> (cat_i k_i, cat_i v_i) on the P axis (Attention.kv_prefix; (B, n_kv, P, hd))
+- "prefix":   x -> (cat_i k_i, cat_i v_i) on the P axis (Attention.kv_prefix; x is the attention
+              input (B, T, d), k and v are (B, n_kv, P, hd))
+- "prompt":   B -> cat_i e_i on the p axis (Transformer.input_prompt; (B, p, d) virtual tokens)
+- "route":    (h, sublayer) -> a_1(h, sublayer) (Block.route_attn, route_mlp: the one running
+              adapter decides which tokens the frozen sublayer sees, CoDA)
 
-A parallel or prefix slot with nothing running returns None and its host adds nothing, so a
-disabled slot leaves the host's output bitwise unchanged. A new slot: an attribute, an entry in
-its host's `adapter_slots`, the call in the host's forward.
+A parallel, prefix or prompt slot with nothing running returns None and its host adds nothing,
+so a disabled slot leaves the host's output bitwise unchanged; a route slot with nothing running
+runs the sublayer on every token. Prefix and prompt adapters have a `length` (their virtual
+positions); `virtual_length()` sums it over the running ones. A new slot: an attribute, an entry
+in its host's `adapter_slots`, the call in the host's forward.
 """
 from __future__ import annotations
 
@@ -43,26 +49,44 @@ class AdapterSite(nn.Module):
         raise NotImplementedError
 
 
+COMBINES = ("serial", "parallel", "prefix", "prompt", "route")
+
+
+def virtual_length(slot: Optional[nn.Module]) -> int:
+    """The virtual positions a filled prefix / prompt slot adds; 0 for None or a hand-set module."""
+    return slot.virtual_length() if isinstance(slot, AdapterSlot) else 0
+
+
 class AdapterSlot(AdapterSite):
     def __init__(self, combine: str):
         super().__init__()
-        if combine not in ("serial", "parallel", "prefix"):
-            raise ValueError(f"combine={combine!r}: expected 'serial', 'parallel' or 'prefix'")
+        if combine not in COMBINES:
+            raise ValueError(f"combine={combine!r}: expected one of {list(COMBINES)}")
         self.combine = combine
         self.adapters = nn.ModuleDict()
 
-    def forward(self, x):
+    def forward(self, x, sublayer=None):
         run = self.running()
         if self.combine == "serial":
             for adapter in run:
                 x = cast_call(adapter, x)
             return x
+        if self.combine == "route":
+            if len(run) > 1:
+                raise ValueError(f"a route slot runs one adapter at a time; active: {self.active}")
+            return run[0](x, sublayer) if run else sublayer(x)
         if not run:
             return None
         outs = [cast_call(adapter, x) for adapter in run]
         if self.combine == "parallel":
             return sum(outs[1:], outs[0])                                            # (B, T, d)
+        if self.combine == "prompt":
+            return torch.cat(outs, dim=1)                                            # (B, Σp, d)
         return tuple(torch.cat(parts, dim=2) for parts in zip(*outs))                # (B, n_kv, ΣP, hd) x 2
+
+    def virtual_length(self) -> int:
+        """Positions the running prefix / prompt adapters add (0 for other slots)."""
+        return sum(getattr(adapter, "length", 0) for adapter in self.running())
 
     def unload(self) -> Optional[nn.Module]:
         """The one active adapter as a plain slot module, None when none, else the slot itself."""
@@ -70,8 +94,10 @@ class AdapterSlot(AdapterSite):
 
 
 def cast_call(adapter: nn.Module, x):
-    """adapter(x), with a float32 adapter on a half-precision model run in float32 and cast back."""
+    """adapter(x), with a float32 adapter on a half-precision model run in float32 and cast back
+    (a tuple output, a prefix's (k, v), cast back element-wise)."""
     p = next(adapter.parameters(), None)
     if p is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or p.dtype == x.dtype:
         return adapter(x)
-    return adapter(x.to(p.dtype)).to(x.dtype)
+    out = adapter(x.to(p.dtype))
+    return tuple(o.to(x.dtype) for o in out) if isinstance(out, tuple) else out.to(x.dtype)

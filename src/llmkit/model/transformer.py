@@ -4,6 +4,13 @@ A `Transformer` is embeddings (tokens, positions, token types, optional norm) fo
 `n_layers` blocks and an optional final norm. It returns hidden states; heads live in heads.py.
 `EncoderDecoder` (BART) owns one token embedding shared by a bidirectional encoder and a causal
 decoder with cross-attention.
+
+Extension point for PEFT: `input_prompt` (an `AdapterSlot`, combine "prompt") returns p virtual
+token embeddings (B, p, d) that are prepended to the input embeddings (prompt tuning, Lester et
+al. 2021). They take positions 0..p-1, get token type 0 and an all-ones attention mask, go into
+the KV cache with the prompt, and are cut from the returned hidden states, so heads, losses and
+poolers see the T real positions only. A PEFT `kv_prefix` of P positions in the blocks acts as P
+past tokens: every real position is shifted by P, as in HF peft.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from .dropout import Dropout
 from .masks import build_attention_mask, padding_mask
 from .norms import build_norm
 from .positions import RotaryEmbedding, sinusoidal_table
+from .slots import virtual_length
 
 
 @dataclass
@@ -37,6 +45,8 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    adapter_slots = {"input_prompt": "prompt"}
+
     def __init__(self, config: ModelConfig, *, causal: Optional[bool] = None,
                  n_layers: Optional[int] = None, cross_attention: bool = False,
                  token_embedding: bool = True):
@@ -58,7 +68,30 @@ class Transformer(nn.Module):
         self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
         self.layers = nn.ModuleList(
             Block(config, cross_attention=cross_attention) for _ in range(n_layers or config.n_layers))
+        for block in self.layers:               # what routed / gated adapters check (CoDA, APT)
+            block.causal = block.self_attn.causal = self.causal
         self.final_norm = build_norm(config) if config.final_norm else None
+        self.input_prompt: Optional[nn.Module] = None
+
+    def _prompt(self, inputs_embeds, attention_mask, position_ids, token_type_ids, past: int):
+        """Prepend the running prompt (first pass only; later passes find it in the cache) and
+        widen the mask, positions and token types to match. Returns them and the p positions added."""
+        p = virtual_length(self.input_prompt)
+        if not p:
+            return inputs_embeds, attention_mask, position_ids, token_type_ids, 0
+        B = inputs_embeds.shape[0]
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(B, p), attention_mask], dim=1)
+        if past:                                       # the prompt sits in the cache already
+            return inputs_embeds, attention_mask, None if position_ids is None else position_ids + p, token_type_ids, 0
+        prompt = self.input_prompt(inputs_embeds).to(inputs_embeds.dtype)              # (B, p, d)
+        inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)                      # (B, p + T, d)
+        if position_ids is not None:
+            head = torch.arange(p, device=position_ids.device).expand(B, p)
+            position_ids = torch.cat([head, position_ids + p], dim=1)
+        if token_type_ids is not None:
+            token_type_ids = torch.cat([token_type_ids.new_zeros(B, p), token_type_ids], dim=1)
+        return inputs_embeds, attention_mask, position_ids, token_type_ids, p
 
     def forward(
         self,
@@ -79,12 +112,18 @@ class Transformer(nn.Module):
             if self.embed_tokens is None:
                 raise ValueError("this stack has no token embedding; pass inputs_embeds")
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale           # (B, T, d)
-        B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.max_seq_len and self.config.positional in ("learned", "sinusoidal"):
-            raise ValueError(f"sequence length {past + T} exceeds max_seq_len={self.config.max_seq_len}")
+        inputs_embeds, attention_mask, position_ids, token_type_ids, prompt_len = self._prompt(
+            inputs_embeds, attention_mask, position_ids, token_type_ids, past)
+        B, T, _ = inputs_embeds.shape                  # T counts the prompt's p positions
+        shift = max((virtual_length(block.self_attn.kv_prefix) for block in self.layers), default=0)
+        if shift + past + T > self.config.max_seq_len and self.config.positional in ("learned", "sinusoidal"):
+            raise ValueError(f"sequence length {shift + past + T} (with {shift} prefix positions) exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0).expand(B, T)
+        if shift:
+            position_ids = position_ids + shift
 
         x = inputs_embeds
         if self.embed_positions is not None:
@@ -111,7 +150,7 @@ class Transformer(nn.Module):
                       memory=memory, memory_mask=memory_mask)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return ModelOutput(last_hidden_state=x, cache=cache)
+        return ModelOutput(last_hidden_state=x[:, prompt_len:] if prompt_len else x, cache=cache)
 
 
 class EncoderDecoder(nn.Module):
@@ -125,6 +164,9 @@ class EncoderDecoder(nn.Module):
         self.encoder = Transformer(config, causal=False, token_embedding=False)
         self.decoder = Transformer(config, causal=True, n_layers=config.decoder_layers,
                                    cross_attention=True, token_embedding=False)
+        # The stacks' input embedding, for PEFT prompts (a plain reference, not a submodule).
+        for stack in (self.encoder, self.decoder):
+            stack.__dict__["_shared_embedding"] = self
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         embeds = self.embed_tokens(input_ids) * self.embed_scale                   # (B, S, d)

@@ -5,10 +5,12 @@
     Trainer(model, handle.wrap_loss(loss_fn), data, callbacks=handle.callbacks())
     with handle.disable(): ...             # the base model (e.g. DPO's reference)
     handle.merge(); handle.unmerge(); model = handle.merge_and_unload()
+    handle.fold()                          # training-time reparameterisations -> inference form
     handle.save("out", format="peft")      # HF PEFT files;  format="llmkit" carries every method
     handle = llmkit.peft.load(model, "out")
 
-Methods (METHODS): lora, dylora, adalora, lora_fa. A new method subclasses `registry.Method`
+Methods (METHODS): lora, dylora, adalora, lora_fa; serial_adapter, parallel_adapter, coda,
+prompt_tuning, prefix_tuning, p_tuning_v2, apt, ia3. A new method subclasses `registry.Method`
 (placement "layer", "slot" or "model") and registers itself with `@register`. apply() freezes
 every model parameter outside the active adapters (and the modules_to_save copies), so the
 Trainer's optimizer trains the adapters alone; a method's per-step hooks come from
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adalora, dylora, lora, lora_fa  # noqa: F401  (register the methods)
+from . import adalora, bottleneck, coda, dylora, ia3, lora, lora_fa, prefix, prompt  # noqa: F401  (register the methods)
 from .adalora import orthogonality_penalty
 from .adalora_budget import budget_at
 from .dylora import set_rank

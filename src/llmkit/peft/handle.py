@@ -26,7 +26,7 @@ from ..model.slots import AdapterSite, AdapterSlot
 from . import saving
 from .errors import PeftError
 from .layers import AdaptedLayer, SavedModule, set_submodule
-from .registry import AdapterConfig, Method, get_method
+from .registry import AdapterConfig, Method, SiteContext, get_method
 from .serialization import WEIGHTS_FILE, AdapterRecord
 from .targets import resolve_modules, select_targets, task_head
 
@@ -73,7 +73,7 @@ class PeftHandle:
         targets = select_targets(self.model, spec.default_targets if config.targets is None else config.targets,
                                  config.layers, spec)
         if spec.placement == "slot":
-            targets = [f"{t}.{spec.slot}" for t in targets]
+            targets = [f"{t}.{slot}" for t in targets for slot in spec.slots_for(config)]
         saved = list(config.modules_to_save or [])
         if config.train_head and task_head(self.model) not in saved:
             saved.append(task_head(self.model))
@@ -94,10 +94,11 @@ class PeftHandle:
                                           {k: v for k, v in rank_pattern.items() if v != r})
         self.model.__dict__[HANDLE_ATTR] = self
         try:
-            tied = _tied_parameter_ids(self.model)
-            for target in targets:
+            tied, shared = _tied_parameter_ids(self.model), {}
+            for i, target in enumerate(targets):
                 site, base = self._site(target, spec, tied)
-                adapter = spec.make_adapter(base, _with_rank(config, rank_pattern.get(target)))
+                adapter = spec.adapter_for(base, _with_rank(config, rank_pattern.get(target)),
+                                           SiteContext(target, i, len(targets), shared))
                 weight = next(base.parameters(), None)
                 if config.upcast_adapters and weight is not None and weight.dtype in (torch.bfloat16, torch.float16):
                     adapter.float()              # the site casts inputs to the adapter's dtype
@@ -236,6 +237,20 @@ class PeftHandle:
         self._release()
         return self.model
 
+    def fold(self, name: Optional[str] = None) -> None:
+        """Replace each adapter that trains through a reparameterisation by its inference form
+        (prefix tuning: P = MLP(E) computed once, the MLP dropped). Outputs stay the same."""
+        for adapter_name in [name] if name else list(self.adapters):
+            folded = False
+            for _, site, module in list(self.adapter_modules(adapter_name)):
+                if hasattr(module, "folded"):
+                    site.named[adapter_name] = module.folded()
+                    folded = True
+            info = self.adapters[adapter_name]
+            if folded and hasattr(info.config, "projection"):
+                info.config = dataclasses.replace(info.config, projection=False)
+        self.set_active(self.active)
+
     @contextmanager
     def disable(self):
         """Run the base model: every adapter, slot and trained head off (merged ones are unmerged
@@ -292,9 +307,10 @@ class PeftHandle:
         for n in [name] if name else self.active:
             info = self.adapters[n]
             spec = get_method(info.method)
-            for target in info.targets:
+            for i, target in enumerate(info.targets):
                 site, base = self._site(target, spec, set())
-                count += spec.trainable_count(base, _with_rank(info.config, info.rank_pattern.get(target)))
+                count += spec.count_for(base, _with_rank(info.config, info.rank_pattern.get(target)),
+                                        SiteContext(target, i, len(info.targets)))
             for module_name in info.saved:
                 count += sum(p.numel() for p in self.model.get_submodule(module_name).copies[n].parameters())
         return count

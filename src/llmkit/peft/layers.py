@@ -7,9 +7,11 @@ original as `base_layer` and holds any number of named adapters in a ModuleDict.
     y = base_layer(x) + sum over active, unmerged adapters a of a(x)
 
 where each adapter returns its additive term (for LoRA (alpha/r) B A x); an adapter with an
-`add_to(out, x)` method computes out + term itself (LoRA fuses it into one addmm). Merging adds an
-adapter's ΔW into base_layer.weight; unmerging subtracts it. `disabled` skips every adapter, so
-the same module is also the frozen base model (a free DPO reference).
+`add_to(out, x)` method computes out + term itself (LoRA fuses it into one addmm). A scaling
+adapter ((IA)³) says `scales = "input"` or `"output"` and multiplies instead:
+y = base_layer(scale(x)) or scale(base_layer(x)). Merging adds an adapter's ΔW into
+base_layer.weight (or calls its `merge_into(base_layer)`); unmerging undoes it. `disabled` skips
+every adapter, so the same module is also the frozen base model (a free DPO reference).
 """
 from __future__ import annotations
 
@@ -37,11 +39,19 @@ class AdaptedLayer(AdapterSite):
         return isinstance(self.base_layer, nn.Embedding)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)                         # (..., out) or (B, T, d)
-        for name in () if self.disabled else self.active:
-            if name in self.merged:
+        run = [] if self.disabled else [self.adapters[n] for n in self.active if n not in self.merged]
+        x_in = x
+        for adapter in run:
+            if getattr(adapter, "scales", None) == "input":
+                x_in = cast_call(adapter, x_in)
+        out = self.base_layer(x_in, *args, **kwargs)                      # (..., out) or (B, T, d)
+        for adapter in run:
+            scales = getattr(adapter, "scales", None)
+            if scales == "input":
                 continue
-            adapter = self.adapters[name]
+            if scales == "output":
+                out = cast_call(adapter, out)
+                continue
             add_to = getattr(adapter, "add_to", None)
             if add_to is not None and out.dtype == x.dtype == next(adapter.parameters()).dtype:
                 out = add_to(out, x)                          # fused add (LoRA: one addmm)
@@ -61,15 +71,23 @@ class AdaptedLayer(AdapterSite):
             if self.tied_elsewhere:
                 raise PeftError(f"cannot merge adapter {name!r} into a weight shared with another module "
                                 "(a tied output head would change too); untie the weights first")
-            weight = self.base_layer.weight
-            weight.add_(self.adapters[name].delta_weight().to(weight.dtype))
+            adapter = self.adapters[name]
+            if hasattr(adapter, "merge_into"):
+                adapter.merge_into(self.base_layer)
+            else:
+                weight = self.base_layer.weight
+                weight.add_(adapter.delta_weight().to(weight.dtype))
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         weight = self.base_layer.weight
         for name in reversed(self.merged):
-            weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
+            adapter = self.adapters[name]
+            if hasattr(adapter, "unmerge_from"):
+                adapter.unmerge_from(self.base_layer)
+            else:
+                weight.sub_(adapter.delta_weight().to(weight.dtype))
         self.merged = []
 
     def unload(self) -> nn.Module:

@@ -25,6 +25,16 @@ PLACEMENTS = ("layer", "slot", "model")
 
 
 @dataclass
+class SiteContext:
+    """Where one adapter is being built: its site's module path, its index among the `total`
+    sites of this adapter, and a dict shared by all of them (for parameters the sites share)."""
+    path: str
+    index: int = 0
+    total: int = 1
+    shared: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass
 class AdapterConfig:
     """Options every method shares (method-specific ones live in subclasses).
 
@@ -87,6 +97,7 @@ class Method:
     slot: str = ""                                         # "slot": a key of its hosts' adapter_slots
     default_targets: TargetSpec = ("q_proj", "v_proj")     # None: every module that takes it
     layer_types: tuple[type, ...] = (nn.Linear,)
+    needs: str = ""                                        # what a host must be, for error messages
 
     def make_config(self, options: dict[str, Any]) -> AdapterConfig:
         known = [f.name for f in dataclasses.fields(self.config_class)]
@@ -103,6 +114,15 @@ class Method:
             return self.slot in getattr(module, "adapter_slots", {})
         return isinstance(module, self.layer_types)
 
+    def slots_for(self, config: AdapterConfig) -> list[str]:
+        """The slots of each host this adapter fills (a Houlsby adapter fills two)."""
+        return [self.slot]
+
+    def narrow(self, names: list[str]) -> list[str]:
+        """The hosts / layers taken when `targets` is not given, from every one that accepts
+        (a prompt goes into the first stack only: BART's encoder)."""
+        return names
+
     def make_adapter(self, base: nn.Module, config: AdapterConfig) -> nn.Module:
         """One adapter on `base`: the wrapped layer ("layer") or the slot's host module ("slot")."""
         raise NotImplementedError
@@ -110,6 +130,15 @@ class Method:
     def trainable_count(self, base: nn.Module, config: AdapterConfig) -> int:
         """Closed form of the adapter's trainable parameters on `base` (used by tests and reports)."""
         raise NotImplementedError
+
+    def adapter_for(self, base: nn.Module, config: AdapterConfig, site: SiteContext) -> nn.Module:
+        """What the handle calls: `make_adapter`, unless the method needs to know the site
+        ((IA)³: the FFN scales its input) or shares parameters across sites (prefix tuning's MLP)."""
+        return self.make_adapter(base, config)
+
+    def count_for(self, base: nn.Module, config: AdapterConfig, site: SiteContext) -> int:
+        """`trainable_count` for one site; shared parameters are counted at site 0 only."""
+        return self.trainable_count(base, config)
 
     def callbacks(self, handle) -> list:
         """Trainer callbacks this method's adapters need; made once per handle, see handle.callbacks()."""

@@ -49,7 +49,7 @@ def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[
     """Full names of the modules `spec` adapts (layers, or a slot method's hosts), in model order."""
     named = visible_modules(model)
     if targets is None:
-        chosen = [n for n, m in named.items() if spec.accepts(m)]
+        chosen = spec.narrow([n for n, m in named.items() if spec.accepts(m)])
     elif isinstance(targets, str) and targets == "all-linear":
         chosen = _all_linear(model, named)
     elif isinstance(targets, str):
@@ -79,6 +79,11 @@ def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[
         if not chosen:
             raise PeftError(f"layers={layers!r}: no targeted module sits in these blocks "
                             f"(block indices seen: {sorted({index(n) for n in named} - {None})})")
+    hosts = [n for n, m in named.items() if spec.accepts(m)]
+    if not hosts:
+        site = spec.needs or (f"a module with the {spec.slot!r} slot" if spec.placement == "slot"
+                              else " or ".join(t.__name__ for t in spec.layer_types))
+        raise PeftError(f"{spec.name}: {type(model).__name__} has no site this method needs: expected {site}")
     wrong = [n for n in chosen if not spec.accepts(named[n])]
     if wrong or not chosen:
         takes = [t.__name__ for t in spec.layer_types] if spec.placement == "layer" else f"hosts of {spec.slot!r}"
