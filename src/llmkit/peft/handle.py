@@ -319,13 +319,24 @@ class PeftHandle:
         """Adapter `name` as plain data for a codec (training-only buffers, an adapter class's
         `training_state` such as AdaLoRA's importance averages, left out)."""
         info = self.adapters[name]
+        shared = self._shared_keys(name, info.targets)
 
         def tensors(path: str) -> dict[str, torch.Tensor]:
             module = self.model.get_submodule(path).named[name]
-            skip = set(getattr(module, "training_state", ()))
+            skip = set(getattr(module, "training_state", ())) | shared.get(path, set())
             return {k: t.detach().contiguous().cpu() for k, t in module.state_dict().items() if k not in skip}
         return AdapterRecord(name, info.method, info.config.to_dict(), {t: tensors(t) for t in info.targets},
                              {m: tensors(m) for m in info.saved}, dict(info.rank_pattern), name in self.active)
+
+    def _shared_keys(self, name: str, paths: list[str]) -> dict[str, set[str]]:
+        """site -> state keys of adapter `name` that an earlier site holds too (a parameter the
+        sites share, such as prefix tuning's MLP): saved and loaded once, at the first site."""
+        seen, out = set(), {}
+        for path in paths:
+            state = self.model.get_submodule(path).named[name].state_dict(keep_vars=True)
+            out[path] = {k for k, t in state.items() if id(t) in seen}
+            seen |= {id(t) for t in state.values()}
+        return out
 
     def save(self, directory, format: str = "llmkit", adapter_name: Optional[str] = None) -> Path:
         """Write adapter files: format="llmkit" every adapter of any method, exactly
@@ -343,9 +354,11 @@ class PeftHandle:
             raise CheckpointError(f"{source}: adapter {record.name!r} sits on modules this "
                                   f"{type(self.model).__name__} lacks ({exc})") from None
         try:
+            shared = self._shared_keys(record.name, list(record.targets))
             for path, tensors in [*record.targets.items(), *record.saved.items()]:
                 module = self.model.get_submodule(path).named[record.name]
-                saving.copy_checked(module, tensors, f"{source}: {path}", getattr(module, "training_state", ()))
+                optional = set(getattr(module, "training_state", ())) | shared.get(path, set())
+                saving.copy_checked(module, tensors, f"{source}: {path}", optional)
             for path, tensors in record.base.items():
                 module = self.model.get_submodule(path)
                 saving.copy_checked(getattr(module, "base_layer", module), tensors, f"{source}: {path}")

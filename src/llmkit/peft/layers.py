@@ -35,6 +35,14 @@ class AdaptedLayer(AdapterSite):
         return self.base_layer.weight
 
     @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
     def is_embedding(self) -> bool:
         return isinstance(self.base_layer, nn.Embedding)
 
