@@ -17,7 +17,8 @@ from llmkit.io.errors import CheckpointError
 from llmkit.peft import PeftError
 from llmkit.peft.layers import AdaptedLayer
 
-METHODS = sorted(peft.METHODS)
+# The low-rank layer methods (tests/test_peft_additive.py runs the same properties for the additive ones).
+METHODS = sorted(m for m, spec in peft.METHODS.items() if issubclass(spec.config_class, peft.LowRankConfig))
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
