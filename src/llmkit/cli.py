@@ -21,6 +21,7 @@ class GenerateRecipe:
     model: str = "runs/demo/model"       # a Hugging Face or llmkit checkpoint folder (with its tokenizer)
     prompt: str = ""
     prompt_file: Optional[str] = None    # or the prompt from a text file (without its final newline)
+    adapter: Optional[str] = None        # a saved PEFT adapter folder (llmkit or HF peft files) to attach
     max_new_tokens: int = 64
     do_sample: bool = True
     temperature: float = 0.8
@@ -34,6 +35,9 @@ class GenerateRecipe:
             raise ValueError(f"prompt={self.prompt!r}, prompt_file={self.prompt_file!r}: expected one, not both")
         if self.prompt_file and not Path(self.prompt_file).is_file():
             raise ValueError(f"prompt_file={self.prompt_file!r}: file not found (expected a text file)")
+        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"adapter={self.adapter!r}: expected a folder with adapter_config.json "
+                             "(what handle.save or peft's save_pretrained writes)")
         from .generation import SamplingParams  # raises naming the field, the value and what was expected
         SamplingParams(**self.sampling())
 
@@ -174,11 +178,14 @@ def run_generate_command(data: dict) -> None:
     import torch
 
     from .generation import generate
-    from .io import load_any
-    from .tokenizer import load_tokenizer
+    from .jobs.artifacts import load_artifacts
     job = build(GenerateRecipe, data)
     prompt = Path(job.prompt_file).read_text(encoding="utf-8").removesuffix("\n") if job.prompt_file else job.prompt
-    model, tokenizer = load_any(job.model), load_tokenizer(job.model)
+    artifacts = load_artifacts(job.model)
+    model, tokenizer = artifacts.model, artifacts.tokenizer
+    if job.adapter:
+        from .peft import load
+        load(model, job.adapter)
     ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
     out = generate(model, torch.tensor([ids]), **job.sampling(), generator=torch.Generator().manual_seed(job.seed))
     print(tokenizer.decode(out[0].tolist()))

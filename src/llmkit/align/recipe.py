@@ -121,7 +121,7 @@ def run_align(recipe: AlignRecipe) -> dict:
     train_ex = tokenize_rows([rows[i] for i in split[n_val:]], tokenizer, **token_args)
     val_ex = tokenize_rows([rows[i] for i in split[:n_val]], tokenizer, **token_args) if n_val else []
 
-    handle = apply_peft_block(model, recipe.peft)
+    handle = apply_peft_block(model, recipe.peft, tokenizer)
     reference = None
     if recipe.method in ("dpo", "ipo", "kto"):
         reference = handle if handle is not None else frozen_copy(model)

@@ -7,8 +7,9 @@ weights: "hf" (config.json + model.safetensors that transformers reads), "llmkit
 layouts no HF class holds), "head" (a task head no HF layout holds - classifiers, reward models:
 llmkit's tensor names, with the ModelConfig and head options in the manifest) or "own" (a model
 that saves itself, e.g. the multimodal encoder). `adapter` is the folder of the PEFT adapter the
-merged weights came from, relative to the model folder. A folder with no manifest (any HF or
-llmkit checkpoint) loads as it is.
+merged weights came from, relative to the model folder. Adapters that cannot merge (prompts,
+prefixes, bottleneck adapters) leave the base weights and `"adapter_merged": false`; loading then
+attaches the adapter again. A folder with no manifest (any HF or llmkit checkpoint) loads as it is.
 """
 from __future__ import annotations
 
@@ -76,8 +77,23 @@ def save_artifacts(directory: Union[str, Path], model: nn.Module, tokenizer: Tok
     if handle is not None:
         adapter_dir = Path(adapter_dir) if adapter_dir is not None else directory / "adapter"
         handle.save(adapter_dir, format="llmkit")
-        model = handle.merge_and_unload()
         manifest["adapter"] = os.path.relpath(adapter_dir, directory)
+        if not handle.mergeable():        # prompts, prefixes, bottlenecks: base weights + the adapter
+            manifest["adapter_merged"] = False
+            with handle.detached() as base:
+                _write_model(directory, base, fmt, manifest)
+            tokenizer.save(directory)
+            atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+            return model
+        model = handle.merge_and_unload()
+    _write_model(directory, model, fmt, manifest)
+    tokenizer.save(directory)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+    return model
+
+
+def _write_model(directory: Path, model: nn.Module, fmt: str, manifest: dict) -> None:
+    """The weights, in the layout `fmt` asks for; records which one in manifest["weights"]."""
     kind = head_kind(model)
     if kind is not None:
         if fmt == "hf":
@@ -102,9 +118,6 @@ def save_artifacts(directory: Union[str, Path], model: nn.Module, tokenizer: Tok
                 raise
             save_llmkit(model, directory)         # a layout no HF family holds
             manifest["weights"] = "llmkit"
-    tokenizer.save(directory)
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
-    return model
 
 
 def load_artifacts(directory: Union[str, Path]) -> Artifacts:
@@ -132,4 +145,7 @@ def load_artifacts(directory: Union[str, Path]) -> Artifacts:
     else:
         model = load_any(directory)
         manifest.setdefault("task", task_of(model))
+    if manifest.get("adapter") and manifest.get("adapter_merged") is False:
+        from .. import peft
+        peft.load(model, directory / manifest["adapter"])      # the weights are the base: attach it
     return Artifacts(model.eval(), load_tokenizer(directory), manifest)

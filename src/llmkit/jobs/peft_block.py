@@ -17,12 +17,15 @@ def check_peft_block(block: Optional[dict]) -> None:
         raise ValueError(f"peft={block!r}: expected a mapping with a `method` name (e.g. lora) plus its options")
 
 
-def apply_peft_block(model: nn.Module, block: Optional[dict]):
-    """The handle of the adapters `block` asks for on `model` (in place), or None without a block."""
+def apply_peft_block(model: nn.Module, block: Optional[dict], tokenizer=None):
+    """The handle of the adapters `block` asks for on `model` (in place), or None without a block.
+    A prompt initialised from text (`init: text`, `init_text: ...`) is encoded with `tokenizer`."""
     if block is None:
         return None
     from .. import peft
     options = {k: v for k, v in block.items() if k != "method"}
+    if options.get("init_text") is not None and tokenizer is not None:
+        options["tokenizer"] = tokenizer
     try:
         return peft.apply(model, block["method"], **options)
     except peft.PeftError as exc:

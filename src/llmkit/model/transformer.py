@@ -115,6 +115,9 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         inputs_embeds, attention_mask, position_ids, token_type_ids, prompt_len = self._prompt(
             inputs_embeds, attention_mask, position_ids, token_type_ids, past)
+        if prompt_len and doc_ids is not None:
+            raise ValueError("a prompt (prompt tuning) cannot precede packed documents (doc_ids): every "
+                             "document would need its own copy; set data.packing: false")
         B, T, _ = inputs_embeds.shape                  # T counts the prompt's p positions
         shift = max((virtual_length(block.self_attn.kv_prefix) for block in self.layers), default=0)
         if shift + past + T > self.config.max_seq_len and self.config.positional in ("learned", "sinusoidal"):

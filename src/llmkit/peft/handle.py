@@ -251,6 +251,29 @@ class PeftHandle:
                 info.config = dataclasses.replace(info.config, projection=False)
         self.set_active(self.active)
 
+    def mergeable(self) -> bool:
+        """Whether merge_and_unload() leaves a plain model: every active adapter sits in a layer
+        and folds into its weight (the LoRA family, (IA)³); slot adapters (bottlenecks, prompts,
+        prefixes, routers) stay modules of their own."""
+        return all(isinstance(site, AdaptedLayer) and (hasattr(a, "delta_weight") or hasattr(a, "merge_into"))
+                   for _, site, a in self.adapter_modules())
+
+    @contextmanager
+    def detached(self):
+        """The model as the base model for saving: wrapped layers back to their base layers, slots
+        emptied, trained heads (modules_to_save) in place of the originals; restored afterwards."""
+        if any(layer.merged for _, layer in self.layers()):
+            raise PeftError("detached: unmerge() first (merged adapters are baked into the weights)")
+        sites = list(self.sites())
+        for module_name, site in sites:
+            set_submodule(self.model, module_name, site.unload() if isinstance(site, SavedModule)
+                          else getattr(site, "base_layer", None))
+        try:
+            yield self.model
+        finally:
+            for module_name, site in sites:
+                set_submodule(self.model, module_name, site)
+
     @contextmanager
     def disable(self):
         """Run the base model: every adapter, slot and trained head off (merged ones are unmerged
