@@ -191,7 +191,7 @@ def speed_table(opts, dtype: str) -> str:
 
 # ---- (b) SST-2 runs ----------------------------------------------------------------------------
 
-def sst2_worker(method: str, quick: bool) -> dict:
+def sst2_worker(method: str, quick: bool, extra: tuple = ()) -> dict:
     import llmkit.finetune.pipeline as pipeline
     import llmkit.finetune.tasks as tasks
     import llmkit.peft as peft
@@ -212,7 +212,7 @@ def sst2_worker(method: str, quick: bool) -> dict:
                       "train.warmup_steps=1"]
         if method == "adalora":
             overrides += ["peft.t_init=1", "peft.t_final=2", "peft.delta_t=1"]
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides + list(extra))
     recipe = parse_finetune_recipe(data)
     captured = {}
     original_apply, original_eval = peft.apply, tasks.evaluate_classification
