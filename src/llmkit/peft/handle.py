@@ -5,8 +5,8 @@ State lives in the model, in adapter sites (model/slots.py's protocol): an Adapt
 target layer, an AdapterSlot fills a model slot, a SavedModule holds the trained copies of a head.
 The handle walks the sites alike to freeze, switch, disable, save, load and delete, and keeps each
 adapter's method, options and site names. Saving turns adapters into plain `AdapterRecord`s for a
-codec (serialization.py, peft_format.py); loading attaches records through one shape-checked copy
-(saving.py).
+codec (serialization.py, peft_format.py, peft_prompt_format.py); loading attaches records through
+one shape-checked copy (saving.py).
 """
 from __future__ import annotations
 
@@ -363,7 +363,8 @@ class PeftHandle:
 
     def save(self, directory, format: str = "llmkit", adapter_name: Optional[str] = None) -> Path:
         """Write adapter files: format="llmkit" every adapter of any method, exactly
-        (serialization.py); "peft" one adapter as HF PEFT LoRA files (peft_format.py)."""
+        (serialization.py); "peft" one adapter as HF PEFT files (LORA for the LoRA family,
+        PROMPT_TUNING, PREFIX_TUNING, IA3)."""
         return saving.save(self, directory, format, adapter_name)
 
     def attach(self, record: AdapterRecord, source: str = WEIGHTS_FILE) -> None:
