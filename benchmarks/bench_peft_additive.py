@@ -49,12 +49,15 @@ def part_sst2(opts) -> str:
     runs = [(m, []) for m in opts.methods]
     if opts.catch_up:
         runs.append(("prompt_tuning", ["train.max_steps=500", "train.eval_every=100", "train.warmup_steps=25"]))
+    for variant in opts.variant:                  # "method:key=value,key=value"
+        method, _, overrides = variant.partition(":")
+        runs.append((method, overrides.split(",")))
     results = []
     for method, extra in runs:
         args = ["--worker", "sst2", "--method", method, *(["--quick"] if opts.quick else [])]
         args += [a for o in extra for a in ("--override", o)]
         r = run_subprocess(args)
-        r["label"] = method + (f" ({r['steps']} steps)" if extra else "")
+        r["label"] = method + (f" ({', '.join(o.split('.', 1)[-1] for o in extra)})" if extra else "")
         results.append(r)
         print(f"{r['label']}: {100 * r['dev_accuracy']:.2f}", flush=True)
     lines = [f"MiniLM on SST-2 ({'quick smoke' if opts.quick else '4,000 train rows, full dev set (872)'}), "
@@ -231,6 +234,7 @@ def main() -> None:
     ap.add_argument("--parts", default="speed,coda,sst2")
     ap.add_argument("--methods", default=SST2_METHODS)
     ap.add_argument("--catch-up", action="store_true", help="sst2: also prompt tuning with 4x the steps")
+    ap.add_argument("--variant", action="append", default=[], help="sst2: an extra run, METHOD:key=value,...")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)
@@ -253,7 +257,7 @@ def main() -> None:
     opts.steps = opts.steps or (2 if opts.quick else 10)
     if opts.quick:
         opts.batch, opts.length, opts.coda_length = 8, 32, 64
-    opts.methods = opts.methods.split(",")
+    opts.methods = [m for m in opts.methods.split(",") if m]
     from machine_info import machine_line
     header = (f"machine: {machine_line()}, torch threads {opts.threads}; "
               f"{time.strftime('%Y-%m-%d')}{' (--quick smoke run: not a measurement)' if opts.quick else ''}")

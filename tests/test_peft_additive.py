@@ -323,10 +323,13 @@ def test_soft_top_k_sums_to_k_and_hardens_as_epsilon_shrinks():
         hard = torch.zeros_like(s).scatter(1, s.topk(k, -1).indices, 1.0)
         assert (soft_top_k(s, k, 1e-4) - hard).abs().max() < 1e-3
         assert (soft_top_k(s, k, 1.0) - hard).abs().max() > 0.05       # a soft one is not hard
-    # differentiable in the scores (through τ's closed form)
-    s.requires_grad_(True)
-    soft_top_k(s, 3, 1.0)[:, 0].sum().backward()
-    assert s.grad.abs().sum() > 0
+    # differentiable in the scores (through τ's closed form), and finite at a small ε
+    for eps, scale in ((1.0, 1.0), (1e-3, 50.0)):
+        scores = (s.detach() * scale).requires_grad_(True)
+        (soft_top_k(scores, 3, eps) * torch.arange(12.0)).sum().backward()
+        assert torch.isfinite(scores.grad).all()
+        if eps == 1.0:
+            assert scores.grad.abs().sum() > 0
 
 
 def test_coda_sublayers_see_exactly_k_tokens():

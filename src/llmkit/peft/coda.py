@@ -61,14 +61,16 @@ def soft_top_k(scores: torch.Tensor, k: int, epsilon: float, iterations: int = 6
         hi = s.max(-1, keepdim=True).values + epsilon * math.log(n / k)   # Σλ <= k
         for _ in range(iterations):
             mid = (lo + hi) / 2
-            too_many = torch.exp((s - mid) / epsilon).clamp(max=1).sum(-1, keepdim=True) > k
+            too_many = torch.exp(((s - mid) / epsilon).clamp(max=0)).sum(-1, keepdim=True) > k
             lo, hi = torch.where(too_many, mid, lo), torch.where(too_many, hi, mid)
         saturated = s >= hi                               # λ = 1 exactly
         free = k - saturated.sum(-1, keepdim=True)        # mass left for the unsaturated set
     z = torch.where(saturated, torch.full_like(s, -torch.inf), s / epsilon)
     tau = epsilon * (torch.logsumexp(z, -1, keepdim=True) - torch.log(free.clamp(min=1).float()))
     tau = torch.where(free > 0, tau, hi)
-    return torch.exp((s - tau) / epsilon).clamp(max=1)                                # (B, n)
+    # exp(min(0, .)) rather than exp(.).clamp(max=1): the same values, but a saturated token's
+    # exponent never overflows, so its zero gradient stays zero (not inf * 0 = nan) at small ε
+    return torch.exp(((s - tau) / epsilon).clamp(max=0))                              # (B, n)
 
 
 class Router(nn.Module):
