@@ -11,6 +11,7 @@ fine-tuning, their speed against HF peft, and CoDA's inference time.
     peft's default) on a Llama of MiniLM's size (d 384, 6 layers, random weights written once with
     llmkit.save_hf), causal-LM loss, because peft's prefix tuning needs past_key_values, which
     transformers 5's BertModel no longer takes. Fresh process per side, ABBA, median step time.
+    `inproc`: the same steps with both sides built in one process, alternating step by step.
 (c) `coda`: inference (no grad) time of MiniLM with CoDA (k = n/3 tokens through the frozen
     attention and FFN) against a parallel adapter of the same bottleneck on both sublayers.
 
@@ -160,6 +161,63 @@ def speed_worker(side: str, method: str, steps: int, batch: int, length: int, th
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def side_step(side: str, method: str, batch: int, length: int):
+    """(model, one training step) for one side, as speed_worker builds them."""
+    import torch
+    import torch.nn.functional as F
+    ids, mask, labels = sst2_batch(batch, length)
+    if method == "prefix_tuning":
+        ids = torch.randint(0, 8192, (batch, length), generator=torch.Generator().manual_seed(0))
+        model = decoder_model(side)
+        loss_of = lambda logits: F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        forward = (lambda: model(input_ids=ids).logits) if side == "hf" else (lambda: model(ids).logits)
+    else:
+        model = hf_model(method, torch) if side == "hf" else llmkit_model(method)
+        loss_of = lambda logits: F.cross_entropy(logits, labels)
+        forward = ((lambda: model(input_ids=ids, attention_mask=mask).logits) if side == "hf"
+                   else (lambda: model(ids, attention_mask=mask).logits))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss_of(forward()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, step
+
+
+def inproc_worker(method: str, steps: int, batch: int, length: int, threads: int) -> dict:
+    """Both sides in one process, steps alternated ABBA: no between-process variation."""
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    runs = {side: side_step(side, method, batch, length)[1] for side in ("llmkit", "hf")}
+    for run in runs.values():
+        run(), run()
+    times = {"llmkit": [], "hf": []}
+    for i in range(steps):
+        for side in (("llmkit", "hf") if i % 2 == 0 else ("hf", "llmkit")):
+            t = time.perf_counter()
+            runs[side]()
+            times[side].append(time.perf_counter() - t)
+    return {side: statistics.median(ts) for side, ts in times.items()}
+
+
+def part_inproc(opts) -> str:
+    write_decoder()
+    lines = [f"The same steps as above with both sides in one process, steps alternated ABBA, {2 * opts.steps} steps "
+             f"per side per process, median over {opts.reps} processes", "",
+             "| method | llmkit step (s) | HF peft step (s) | speed (HF / llmkit) |", "|---|---|---|---|"]
+    for method in SPEED_METHODS:
+        rows = [run_subprocess(["--worker", "inproc", "--method", method, "--steps", str(2 * opts.steps),
+                                "--batch", str(opts.batch), "--length", str(opts.length),
+                                "--threads", str(opts.threads)]) for _ in range(opts.reps)]
+        a, b = statistics.median(r["llmkit"] for r in rows), statistics.median(r["hf"] for r in rows)
+        lines.append(f"| {method} | {a:.4f} | {b:.4f} | {b / a:.2f}x |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def part_speed(opts) -> str:
     lines = [f"One training step, float32, batch {opts.batch} x {opts.length} tokens: MiniLM + 2-label head (trained in "
              "both) on SST-2 sentences for prompt tuning and (IA)³; for prefix tuning the Llama of MiniLM's size with "
@@ -250,6 +308,9 @@ def main() -> None:
     if opts.worker == "speed":
         print(json.dumps(speed_worker(opts.side, opts.method, opts.steps, opts.batch, opts.length, opts.threads)))
         return
+    if opts.worker == "inproc":
+        print(json.dumps(inproc_worker(opts.method, opts.steps, opts.batch, opts.length, opts.threads)))
+        return
     if opts.worker == "coda":
         print(json.dumps(coda_worker(opts.method, opts.steps, opts.batch, opts.length, opts.threads)))
         return
@@ -261,8 +322,9 @@ def main() -> None:
     from machine_info import machine_line
     header = (f"machine: {machine_line()}, torch threads {opts.threads}; "
               f"{time.strftime('%Y-%m-%d')}{' (--quick smoke run: not a measurement)' if opts.quick else ''}")
-    files = {"speed": "peft_additive_vs_hf.md", "coda": "peft_coda_inference.md", "sst2": "peft_additive.md"}
-    parts = {"speed": part_speed, "coda": part_coda, "sst2": part_sst2}
+    files = {"speed": "peft_additive_vs_hf.md", "inproc": "peft_additive_vs_hf_one_process.md",
+             "coda": "peft_coda_inference.md", "sst2": "peft_additive.md"}
+    parts = {"speed": part_speed, "inproc": part_inproc, "coda": part_coda, "sst2": part_sst2}
     for part in opts.parts.split(","):
         text = parts[part](opts)
         print(text + "\n", flush=True)
