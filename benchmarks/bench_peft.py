@@ -141,8 +141,9 @@ def speed_worker(side: str, steps: int, warmup: int, batch: int, length: int, th
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "saved_mb": act / 2**20}
 
 
-def run_subprocess(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+def run_subprocess(args: list[str], script: str = __file__) -> dict:
+    """`script` (default: this file) in a fresh Python process; its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -25,12 +25,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench_peft import RESULTS, ROOT, llmkit_classifier, minilm_path, sst2_batch, sst2_worker
+import bench_peft
+from bench_peft import RESULTS, llmkit_classifier, minilm_path, sst2_batch, sst2_worker
 
 SST2_METHODS = "serial_adapter,parallel_adapter,coda,prompt_tuning,prefix_tuning,p_tuning_v2,apt,ia3,lora,full"
 SPEED_METHODS = ("prompt_tuning", "prefix_tuning", "ia3")
@@ -38,10 +37,7 @@ P = 20
 
 
 def run_subprocess(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_peft.run_subprocess(args, __file__)
 
 
 # ---- (a) SST-2 -----------------------------------------------------------------------------------
@@ -125,42 +121,6 @@ def decoder_model(side: str):
     return model
 
 
-def speed_worker(side: str, method: str, steps: int, batch: int, length: int, threads: int) -> dict:
-    import torch
-    import torch.nn.functional as F
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    ids, mask, labels = sst2_batch(batch, length)
-    if method == "prefix_tuning":                 # a causal LM (see the module docstring)
-        ids = torch.randint(0, 8192, (batch, length), generator=torch.Generator().manual_seed(0))
-        model = decoder_model(side)
-        loss_of = lambda logits: F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        forward = (lambda: model(input_ids=ids).logits) if side == "hf" else (lambda: model(ids).logits)
-    else:
-        model = hf_model(method, torch) if side == "hf" else llmkit_model(method)
-        loss_of = lambda logits: F.cross_entropy(logits, labels)
-        forward = ((lambda: model(input_ids=ids, attention_mask=mask).logits) if side == "hf"
-                   else (lambda: model(ids, attention_mask=mask).logits))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        loss_of(forward()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return {"side": side, "method": method, "step_s": statistics.median(times),
-            "trainable": sum(p.numel() for p in params),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
 def side_step(side: str, method: str, batch: int, length: int):
     """(model, one training step) for one side, as speed_worker builds them."""
     import torch
@@ -184,6 +144,23 @@ def side_step(side: str, method: str, batch: int, length: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model, step
+
+
+def speed_worker(side: str, method: str, steps: int, batch: int, length: int, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, step = side_step(side, method, batch, length)
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"side": side, "method": method, "step_s": statistics.median(times),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def inproc_worker(method: str, steps: int, batch: int, length: int, threads: int) -> dict:
