@@ -10,7 +10,7 @@
     handle = llmkit.peft.load(model, "out")
 
 Methods (METHODS): lora, dylora, adalora, lora_fa; serial_adapter, parallel_adapter, coda,
-prompt_tuning, prefix_tuning, p_tuning_v2, apt, ia3. A new method subclasses `registry.Method`
+prompt_tuning, prefix_tuning, p_tuning_v2, apt, ia3; bitfit, pafi. A new method subclasses `registry.Method`
 (placement "layer", "slot" or "model") and registers itself with `@register`. apply() freezes
 every model parameter outside the active adapters (and the modules_to_save copies), so the
 Trainer's optimizer trains the adapters alone; a method's per-step hooks come from
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import adalora, bottleneck, coda, dylora, ia3, lora, lora_fa, prefix, prompt  # noqa: F401  (register the methods)
+from . import adalora, bottleneck, coda, dylora, ia3, lora, lora_fa, prefix, prompt, selective  # noqa: F401  (register the methods)
 from .adalora import orthogonality_penalty
 from .adalora_budget import budget_at
 from .dylora import set_rank

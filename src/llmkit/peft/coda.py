@@ -99,8 +99,8 @@ class Coda(Method):
     config_class = CodaConfig
     placement, slot, default_targets = "slot", "route_mlp", None
 
-    def accepts(self, module: nn.Module) -> bool:
-        return super().accepts(module) and not module.causal
+    def accepts(self, module: nn.Module, config=None) -> bool:
+        return super().accepts(module, config) and not module.causal
 
     def slots_for(self, config: CodaConfig) -> list[str]:
         return [*ROUTE_SLOTS[config.sublayer], *PARALLEL_SLOTS[config.sublayer]]

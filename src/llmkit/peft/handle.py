@@ -71,7 +71,7 @@ class PeftHandle:
         rank_pattern = options.pop("rank_pattern", None) or {}
         config = spec.make_config(options)
         targets = select_targets(self.model, spec.default_targets if config.targets is None else config.targets,
-                                 config.layers, spec)
+                                 config.layers, spec, config)
         if spec.placement == "slot":
             targets = [f"{t}.{slot}" for t in targets for slot in spec.slots_for(config)]
         saved = list(config.modules_to_save or [])
@@ -95,10 +95,11 @@ class PeftHandle:
         self.model.__dict__[HANDLE_ATTR] = self
         try:
             tied, shared = _tied_parameter_ids(self.model), {}
-            for i, target in enumerate(targets):
-                site, base = self._site(target, spec, tied)
+            placed = [self._site(target, spec, tied) for target in targets]
+            bases = [base for _, base in placed]
+            for i, (target, (site, base)) in enumerate(zip(targets, placed)):
                 adapter = spec.adapter_for(base, _with_rank(config, rank_pattern.get(target)),
-                                           SiteContext(target, i, len(targets), shared))
+                                           SiteContext(target, i, len(targets), shared, bases))
                 weight = next(base.parameters(), None)
                 if config.upcast_adapters and weight is not None and weight.dtype in (torch.bfloat16, torch.float16):
                     adapter.float()              # the site casts inputs to the adapter's dtype
@@ -330,10 +331,10 @@ class PeftHandle:
         for n in [name] if name else self.active:
             info = self.adapters[n]
             spec = get_method(info.method)
-            for i, target in enumerate(info.targets):
-                site, base = self._site(target, spec, set())
+            bases = [self._site(target, spec, set())[1] for target in info.targets]
+            for i, (target, base) in enumerate(zip(info.targets, bases)):
                 count += spec.count_for(base, _with_rank(info.config, info.rank_pattern.get(target)),
-                                        SiteContext(target, i, len(info.targets)))
+                                        SiteContext(target, i, len(info.targets), bases=bases))
             for module_name in info.saved:
                 count += sum(p.numel() for p in self.model.get_submodule(module_name).copies[n].parameters())
         return count

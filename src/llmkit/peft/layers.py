@@ -9,7 +9,8 @@ original as `base_layer` and holds any number of named adapters in a ModuleDict.
 where each adapter returns its additive term (for LoRA (alpha/r) B A x); an adapter with an
 `add_to(out, x)` method computes out + term itself (LoRA fuses it into one addmm). A scaling
 adapter ((IA)³) says `scales = "input"` or `"output"` and multiplies instead:
-y = base_layer(scale(x)) or scale(base_layer(x)). Merging adds an adapter's ΔW into
+y = base_layer(scale(x)) or scale(base_layer(x)). A patching adapter (selective methods) says
+`patches = "weight"` or `"bias"`: the base layer runs on `adapter.patched(param)` = θ₀ + Δ. Merging adds an adapter's ΔW into
 base_layer.weight (or calls its `merge_into(base_layer)`); unmerging undoes it. `disabled` skips
 every adapter, so the same module is also the frozen base model (a free DPO reference).
 """
@@ -52,10 +53,18 @@ class AdaptedLayer(AdapterSite):
         for adapter in run:
             if getattr(adapter, "scales", None) == "input":
                 x_in = cast_call(adapter, x_in)
-        out = self.base_layer(x_in, *args, **kwargs)                      # (..., out) or (B, T, d)
+        patches = [a for a in run if getattr(a, "patches", None)]
+        if patches:              # selective methods: the base layer's own math on θ₀ + Δ
+            params: dict[str, torch.Tensor] = {}
+            for adapter in patches:
+                name = adapter.patches
+                params[name] = adapter.patched(params.get(name, getattr(self.base_layer, name)))
+            out = torch.func.functional_call(self.base_layer, params, (x_in, *args), kwargs)
+        else:
+            out = self.base_layer(x_in, *args, **kwargs)                  # (..., out) or (B, T, d)
         for adapter in run:
             scales = getattr(adapter, "scales", None)
-            if scales == "input":
+            if scales == "input" or getattr(adapter, "patches", None):
                 continue
             if scales == "output":
                 out = cast_call(adapter, out)

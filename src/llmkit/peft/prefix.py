@@ -210,8 +210,8 @@ class APT(_Prefix):
     needs = "bidirectional self-attention (an encoder): the gate reads the whole sequence"
     config_class = APTConfig
 
-    def accepts(self, module: nn.Module) -> bool:
-        return super().accepts(module) and not module.cross and not module.causal
+    def accepts(self, module: nn.Module, config=None) -> bool:
+        return super().accepts(module, config) and not module.cross and not module.causal
 
     def make_adapter(self, attention: nn.Module, config: APTConfig) -> nn.Module:
         return GatedPrefix(self.init_prefix(attention, config), attention.q_proj.in_features, config.prefix_dropout)

@@ -27,11 +27,13 @@ PLACEMENTS = ("layer", "slot", "model")
 @dataclass
 class SiteContext:
     """Where one adapter is being built: its site's module path, its index among the `total`
-    sites of this adapter, and a dict shared by all of them (for parameters the sites share)."""
+    sites of this adapter, a dict shared by all of them (for parameters the sites share), and
+    the base modules of all of them (for a selection made over every target at once: PaFi)."""
     path: str
     index: int = 0
     total: int = 1
     shared: dict = dataclasses.field(default_factory=dict)
+    bases: list = dataclasses.field(default_factory=list)      # every site's base module, in order
 
 
 @dataclass
@@ -108,8 +110,9 @@ class Method:
                 raise PeftError(f"{self.name}: unknown option {key!r}{hint} (options: {sorted(known)})")
         return self.config_class(**options)
 
-    def accepts(self, module: nn.Module) -> bool:
-        """Whether `module` can take this method's adapter: a layer of `layer_types`, or a host of `slot`."""
+    def accepts(self, module: nn.Module, config: Optional[AdapterConfig] = None) -> bool:
+        """Whether `module` can take this method's adapter: a layer of `layer_types`, or a host of
+        `slot` (`config`, when given, may widen or narrow it: BitFit's add_missing)."""
         if self.placement == "slot":
             return self.slot in getattr(module, "adapter_slots", {})
         return isinstance(module, self.layer_types)

@@ -45,11 +45,12 @@ def _suggest(wanted: str, names: list[str]) -> str:
     return f"similar module names: {close}" if close else f"module names end in: {leaves[:20]}"
 
 
-def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[int]], spec: Method) -> list[str]:
+def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[int]], spec: Method,
+                   config=None) -> list[str]:
     """Full names of the modules `spec` adapts (layers, or a slot method's hosts), in model order."""
     named = visible_modules(model)
     if targets is None:
-        chosen = spec.narrow([n for n, m in named.items() if spec.accepts(m)])
+        chosen = spec.narrow([n for n, m in named.items() if spec.accepts(m, config)])
     elif isinstance(targets, str) and targets == "all-linear":
         chosen = _all_linear(model, named)
     elif isinstance(targets, str):
@@ -79,17 +80,17 @@ def select_targets(model: nn.Module, targets: TargetSpec, layers: Optional[list[
         if not chosen:
             raise PeftError(f"layers={layers!r}: no targeted module sits in these blocks "
                             f"(block indices seen: {sorted({index(n) for n in named} - {None})})")
-    hosts = [n for n, m in named.items() if spec.accepts(m)]
+    hosts = [n for n, m in named.items() if spec.accepts(m, config)]
     if not hosts:
         site = spec.needs or (f"a module with the {spec.slot!r} slot" if spec.placement == "slot"
                               else " or ".join(t.__name__ for t in spec.layer_types))
         raise PeftError(f"{spec.name}: {type(model).__name__} has no site this method needs: expected {site}")
-    wrong = [n for n in chosen if not spec.accepts(named[n])]
+    wrong = [n for n in chosen if not spec.accepts(named[n], config)]
     if wrong or not chosen:
         takes = [t.__name__ for t in spec.layer_types] if spec.placement == "layer" else f"hosts of {spec.slot!r}"
         kinds = sorted({type(named[n]).__name__ for n in wrong})
         raise PeftError(f"{spec.name}: targets={targets!r} selects {wrong[:4] or 'nothing'} {kinds}; this "
-                        f"method takes {takes} (here: {[n for n, m in named.items() if spec.accepts(m)][:6]} ...)")
+                        f"method takes {takes} (here: {[n for n, m in named.items() if spec.accepts(m, config)][:6]} ...)")
     return chosen
 
 
