@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bottleneck import PARALLEL_SLOTS, Bottleneck, bottleneck_count, hidden_size
-from .bottleneck import ParallelAdapterConfig
+from .bottleneck import PARALLEL_SLOTS, ParallelAdapter, ParallelAdapterConfig, hidden_size
 from .errors import PeftError
-from .registry import Method, SiteContext, register
+from .registry import SiteContext, register
 
 ROUTE_SLOTS = {"mlp": ["route_mlp"], "attn": ["route_attn"], "both": ["route_attn", "route_mlp"]}
 
@@ -93,7 +92,7 @@ class Router(nn.Module):
 
 
 @register
-class Coda(Method):
+class Coda(ParallelAdapter):
     name = "coda"
     needs = "a bidirectional block (an encoder: BERT, BART's encoder); a causal stack would route on future tokens"
     config_class = CodaConfig
@@ -106,14 +105,12 @@ class Coda(Method):
         return [*ROUTE_SLOTS[config.sublayer], *PARALLEL_SLOTS[config.sublayer]]
 
     def adapter_for(self, block: nn.Module, config: CodaConfig, site: SiteContext) -> nn.Module:
-        d, w = hidden_size(block), block.mlp.down_proj.weight
         if site.path.rpartition(".")[2].startswith("route_"):
-            return Router(d, config.token_reduction, config.epsilon, device=w.device, dtype=w.dtype)
-        return Bottleneck(d, config.size(d, config.heads), config.activation, heads=config.heads,
-                          scale=config.scale, device=w.device, dtype=w.dtype)
+            w = block.mlp.down_proj.weight
+            return Router(hidden_size(block), config.token_reduction, config.epsilon, device=w.device, dtype=w.dtype)
+        return self.make_adapter(block, config)                  # the parallel adapter's bottleneck
 
     def count_for(self, block: nn.Module, config: CodaConfig, site: SiteContext) -> int:
-        d = hidden_size(block)
         if site.path.rpartition(".")[2].startswith("route_"):
-            return d
-        return bottleneck_count(d, config.size(d, config.heads), config.heads)
+            return hidden_size(block)
+        return self.trainable_count(block, config)

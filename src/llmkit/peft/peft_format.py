@@ -33,7 +33,7 @@ _LORA_KEYS = ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
               (".lora_embedding_A", "lora_A"), (".lora_embedding_B", "lora_B"))
 
 
-def _modules(names: Optional[dict]) -> Optional[dict[str, tuple[str, Optional[int], int]]]:
+def hf_modules(names: Optional[dict]) -> Optional[dict[str, tuple[str, Optional[int], int]]]:
     """llmkit module -> (HF module, part, parts), from the tensor rules of the modules' weights."""
     if names is None:
         return None
@@ -50,7 +50,7 @@ def write(directory: Union[str, Path], records: list[AdapterRecord], names: Opti
     """Write one LoRA-shaped record; `embeddings` names its nn.Embedding targets."""
     if len(records) != 1:
         raise PeftError(f"format='peft' writes one adapter per directory, got {[r.name for r in records]}")
-    record, modules = records[0], _modules(names)
+    record, modules = records[0], hf_modules(names)
     config, scale = record.config, record.config.get("scale")
     rslora = bool(config.get("rslora"))
     groups: dict[str, list] = {}                       # HF module -> [(part, parts, A, B, alpha, emb)]
@@ -119,7 +119,7 @@ def read(directory: Union[str, Path], names: Optional[dict]) -> list[AdapterReco
     if config.get("bias", "none") != "none":
         raise CheckpointError(f"{source}: key 'bias': expected 'none', found {config['bias']!r}")
     reverse: dict[str, list[tuple[str, Optional[int], int]]] = {}
-    for ours, (theirs, part, parts) in (_modules(names) or {}).items():
+    for ours, (theirs, part, parts) in (hf_modules(names) or {}).items():
         reverse.setdefault(theirs, []).append((ours, part, parts))
 
     def ours_of(hf: str) -> list[tuple[str, Optional[int], int]]:

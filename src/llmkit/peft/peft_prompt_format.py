@@ -32,6 +32,7 @@ import torch
 from ..io.errors import CheckpointError
 from .errors import PeftError
 from .ia3 import IA3Config, is_feedforward
+from .peft_format import hf_modules
 from .serialization import CONFIG_FILE, WEIGHTS_FILE, AdapterRecord, read_files, write_files
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "IA3": "ia3"}
@@ -51,14 +52,6 @@ class Layout:
     prefix_sites: tuple[str, ...] = ()        # every attention layer's kv_prefix slot path, in order
     kv: Optional[tuple[int, int]] = None      # (n_kv, head_dim), None where the layers differ
     pools_first_token: bool = False           # a classifier reading position 0 ([CLS])
-
-
-def _modules(names: Optional[dict]) -> Optional[dict[str, tuple[str, Optional[int], int]]]:
-    """llmkit module -> (HF module, part, parts), from the rules of the modules' weights."""
-    if names is None:
-        return None
-    return {k[:-len(".weight")]: (r.theirs[:-len(".weight")], r.part, r.parts)
-            for k, r in names.items() if k.endswith(".weight") and r.theirs.endswith(".weight")}
 
 
 def _check_prompt_task(layout: Layout, what: str) -> None:
@@ -142,7 +135,7 @@ def _write_prefix(record: AdapterRecord, layout: Layout, meta: dict) -> torch.Te
 
 
 def _write_ia3(record: AdapterRecord, names: Optional[dict], meta: dict) -> dict[str, torch.Tensor]:
-    modules = _modules(names)
+    modules = hf_modules(names)
     ff_config = IA3Config(feedforward_modules=list(record.config.get("feedforward_modules") or []))
     groups: dict[str, list] = {}                        # HF module -> [(part, parts, vector, feedforward)]
     for module, own in record.targets.items():
@@ -255,7 +248,7 @@ def _read_prefix(config: dict, table: torch.Tensor, layout: Layout, source: Path
 
 def _read_ia3(config: dict, tensors: dict, names: Optional[dict], weights: Path):
     reverse: dict[str, list[tuple[str, Optional[int], int]]] = {}
-    for ours, (theirs, part, parts) in (_modules(names) or {}).items():
+    for ours, (theirs, part, parts) in (hf_modules(names) or {}).items():
         reverse.setdefault(theirs, []).append((ours, part, parts))
     targets, feedforward, rest = {}, [], {}
     for key, tensor in tensors.items():

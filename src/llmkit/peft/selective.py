@@ -62,10 +62,6 @@ class SparseDelta(nn.Module):
         getattr(layer, self.patches).view(-1)[self.index] = self._before
 
 
-def all_entries(n: int) -> torch.Tensor:
-    return torch.arange(n)
-
-
 # ---- BitFit --------------------------------------------------------------------------------------
 
 @dataclass
@@ -89,19 +85,11 @@ class BitFit(Method):
             config is not None and config.add_missing and isinstance(module, nn.Linear))
 
     def adapter_for(self, base: nn.Module, config: BitFitConfig, site: SiteContext) -> nn.Module:
-        bias = getattr(base, "bias", None)
-        if bias is None:
-            if not (config.add_missing and isinstance(base, nn.Linear)):
-                raise PeftError(f"bitfit: {site.path} has no bias (bias=False in this model); expected layers "
-                                "with biases, or add_missing=True to train zero-initialised ones in the Linears")
-            n = base.out_features
-        else:
-            n = bias.numel()
-        w = base.weight
-        return SparseDelta("bias", (n,), all_entries(n), device=w.device, dtype=w.dtype)
+        n, w = self.count_for(base, config, site), base.weight
+        return SparseDelta("bias", (n,), torch.arange(n), device=w.device, dtype=w.dtype)
 
     def count_for(self, base: nn.Module, config: BitFitConfig, site: SiteContext) -> int:
-        bias = getattr(base, "bias", None)
+        bias = getattr(base, "bias", None)      # a missing one (add_missing) has one entry per output
         return bias.numel() if bias is not None else base.out_features
 
 
