@@ -23,7 +23,10 @@ BLOCKS = {
     "p_tuning_v2": {"num_virtual_tokens": 4, "prefix_dropout": 0.1},
     "apt": {"num_virtual_tokens": 4},
     "ia3": {},
+    "bitfit": {},                       # selective (tests/test_peft_selective.py), through the same job
+    "pafi": {"density": 0.01},
 }
+MERGEABLE = {"ia3", "bitfit", "pafi"}
 
 
 @pytest.mark.parametrize("method", sorted(BLOCKS))
@@ -35,7 +38,7 @@ def test_finetune_with_every_additive_method_saves_and_reloads(method, tmp_path)
     assert 0 < summary["trainable_parameters"] < summary["parameters"] / 2
     folder = tmp_path / "run" / "model"
     manifest = json.loads((folder / "llmkit_artifacts.json").read_text())
-    if method == "ia3":                                   # merged into the weights
+    if method in MERGEABLE:                               # merged into the weights
         assert "adapter_merged" not in manifest
     else:
         assert manifest["adapter_merged"] is False

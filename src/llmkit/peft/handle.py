@@ -78,6 +78,12 @@ class PeftHandle:
         if config.train_head and task_head(self.model) not in saved:
             saved.append(task_head(self.model))
         saved = resolve_modules(self.model, saved, "modules_to_save") if saved else []
+        # a module that trains in full (modules_to_save) needs no adapter inside it
+        inside = [t for t in targets if any(t.startswith(m + ".") for m in saved)]
+        if inside and len(inside) == len(targets):
+            raise PeftError(f"{method}: every target {inside[:4]} sits inside modules_to_save {saved}, which "
+                            "train in full anyway; target other modules")
+        targets = [t for t in targets if t not in inside]
         return self._build(name, spec, config, targets, saved, rank_pattern)
 
     def _build(self, name: str, spec: Method, config: AdapterConfig, targets: list[str], saved: list[str],
