@@ -87,7 +87,7 @@ class PeftHandle:
         return self._build(name, spec, config, targets, saved, rank_pattern)
 
     def _build(self, name: str, spec: Method, config: AdapterConfig, targets: list[str], saved: list[str],
-               rank_pattern: dict[str, int]) -> "PeftHandle":
+               rank_pattern: dict[str, int], loaded: Optional[dict[str, dict]] = None) -> "PeftHandle":
         if not isinstance(name, str) or not name or "." in name:
             raise PeftError(f"adapter_name={name!r}: expected a non-empty name without dots")
         if name in self.adapters:
@@ -105,7 +105,8 @@ class PeftHandle:
             bases = [base for _, base in placed]
             for i, (target, (site, base)) in enumerate(zip(targets, placed)):
                 adapter = spec.adapter_for(base, _with_rank(config, rank_pattern.get(target)),
-                                           SiteContext(target, i, len(targets), shared, bases))
+                                           SiteContext(target, i, len(targets), shared, bases,
+                                                       (loaded or {}).get(target), self.model))
                 weight = next(base.parameters(), None)
                 if config.upcast_adapters and weight is not None and weight.dtype in (torch.bfloat16, torch.float16):
                     adapter.float()              # the site casts inputs to the adapter's dtype
@@ -340,7 +341,7 @@ class PeftHandle:
             bases = [self._site(target, spec, set())[1] for target in info.targets]
             for i, (target, base) in enumerate(zip(info.targets, bases)):
                 count += spec.count_for(base, _with_rank(info.config, info.rank_pattern.get(target)),
-                                        SiteContext(target, i, len(info.targets), bases=bases))
+                                        SiteContext(target, i, len(info.targets), bases=bases, model=self.model))
             for module_name in info.saved:
                 count += sum(p.numel() for p in self.model.get_submodule(module_name).copies[n].parameters())
         return count
@@ -380,7 +381,7 @@ class PeftHandle:
         spec = get_method(record.method)
         try:
             self._build(record.name, spec, spec.make_config(dict(record.config)), list(record.targets),
-                        list(record.saved), record.rank_pattern)
+                        list(record.saved), record.rank_pattern, record.targets)
         except (AttributeError, KeyError) as exc:
             raise CheckpointError(f"{source}: adapter {record.name!r} sits on modules this "
                                   f"{type(self.model).__name__} lacks ({exc})") from None

@@ -10,7 +10,8 @@ where each adapter returns its additive term (for LoRA (alpha/r) B A x); an adap
 `add_to(out, x)` method computes out + term itself (LoRA fuses it into one addmm). A scaling
 adapter ((IA)³) says `scales = "input"` or `"output"` and multiplies instead:
 y = base_layer(scale(x)) or scale(base_layer(x)). A patching adapter (selective methods) says
-`patches = "weight"` or `"bias"`: the base layer runs on `adapter.patched(param)` = θ₀ + Δ. Merging adds an adapter's ΔW into
+`patches` (the parameter names it changes) and `deltas()` ((name, delta) pairs): the base layer
+runs on `delta.patched(param)` = θ₀ + Δ for each. Merging adds an adapter's ΔW into
 base_layer.weight (or calls its `merge_into(base_layer)`); unmerging undoes it. `disabled` skips
 every adapter, so the same module is also the frozen base model (a free DPO reference).
 """
@@ -57,8 +58,8 @@ class AdaptedLayer(AdapterSite):
         if patches:              # selective methods: the base layer's own math on θ₀ + Δ
             params: dict[str, torch.Tensor] = {}
             for adapter in patches:
-                name = adapter.patches
-                params[name] = adapter.patched(params.get(name, getattr(self.base_layer, name)))
+                for name, delta in adapter.deltas():
+                    params[name] = delta.patched(params.get(name, getattr(self.base_layer, name)))
             out = torch.func.functional_call(self.base_layer, params, (x_in, *args), kwargs)
         else:
             out = self.base_layer(x_in, *args, **kwargs)                  # (..., out) or (B, T, d)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -27,13 +28,17 @@ PLACEMENTS = ("layer", "slot", "model")
 @dataclass
 class SiteContext:
     """Where one adapter is being built: its site's module path, its index among the `total`
-    sites of this adapter, a dict shared by all of them (for parameters the sites share), and
-    the base modules of all of them (for a selection made over every target at once: PaFi)."""
+    sites of this adapter, a dict shared by all of them (for parameters the sites share), the
+    base modules of all of them (for a selection made over every target at once: PaFi), and, when
+    an adapter is loaded from a file, the tensors saved for this site (a selection made from data,
+    such as a Fisher mask, is read back, not recomputed)."""
     path: str
     index: int = 0
     total: int = 1
     shared: dict = dataclasses.field(default_factory=dict)
     bases: list = dataclasses.field(default_factory=list)      # every site's base module, in order
+    saved: Optional[dict] = None                               # name -> tensor, when loading
+    model: Optional[nn.Module] = None                          # the whole model (scores from data)
 
 
 @dataclass
@@ -87,6 +92,55 @@ class LowRankConfig(AdapterConfig):
             raise PeftError(f"alpha={self.alpha!r}: expected a positive number")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise PeftError(f"dropout={self.dropout!r}: expected a probability in [0, 1)")
+
+
+@dataclass
+class SelectionConfig(AdapterConfig):
+    """How many entries a selective method trains: `density`, a fraction of the targeted weights'
+    entries, or an exact `count` (give one)."""
+    density: Optional[float] = None
+    count: Optional[int] = None
+
+    def selects(self) -> bool:
+        """Whether this config selects entries (Child-tuning_D trains every entry instead)."""
+        return True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.selects():
+            return
+        if (self.density is None) == (self.count is None):
+            raise PeftError(f"density={self.density!r}, count={self.count!r}: give exactly one of the two")
+        if self.density is not None and (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
+                                         or not 0 < self.density <= 1):
+            raise PeftError(f"density={self.density!r}: expected a fraction in (0, 1]")
+        if self.count is not None and (not isinstance(self.count, int) or isinstance(self.count, bool)
+                                       or self.count <= 0):
+            raise PeftError(f"count={self.count!r}: expected a positive integer")
+
+    def budget(self, total: int) -> int:
+        """The number of entries to select out of `total`."""
+        k = self.count if self.count is not None else max(1, math.floor(self.density * total))
+        if k > total:
+            raise PeftError(f"count={k}: the targeted weights hold only {total:,} entries")
+        return k
+
+
+@dataclass
+class DataConfig(AdapterConfig):
+    """For methods that select from data (Fisher information, sensitivity): `batches`, an iterable
+    of training batches, and `loss_fn(model, batch) -> loss` or `(loss, metrics)` (the Trainer's
+    signature). Both are runtime inputs, never saved; `num_batches` is how many batches are drawn.
+    A loaded adapter reads its selection from the file and needs neither."""
+    batches: Any = dataclasses.field(default=None, repr=False)
+    loss_fn: Any = dataclasses.field(default=None, repr=False)
+    num_batches: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int) or self.num_batches <= 0:
+            raise PeftError(f"num_batches={self.num_batches!r}: expected a positive number of batches "
+                            "(a Fisher or sensitivity over zero batches is undefined)")
 
 
 class Method:

@@ -21,6 +21,7 @@ Methods (registry keys):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,24 +30,77 @@ import torch
 from torch import nn
 
 from .errors import PeftError
-from .registry import AdapterConfig, Method, SiteContext, register
+from .registry import AdapterConfig, Method, SelectionConfig, SiteContext, register
 
 
 class SparseDelta(nn.Module):
     """Δ on the parameter `patches` ("weight" or "bias") of its layer: `values` (k,) at the flat
-    entries `index` (k,); `shape` is the parameter's shape (a missing bias counts as zeros)."""
+    entries `index` (k,), or, with `index=None`, a dense Δ over the whole tensor (`values` has its
+    numel; methods that select everything in their targets: cross-attention tuning,
+    Child-tuning_D). `shape` is the parameter's shape (a missing bias counts as zeros).
 
-    def __init__(self, patches: str, shape: tuple[int, ...], index: torch.Tensor, *, device=None, dtype=None):
+    Entries a dynamic selection has let go (Fish-DiP) keep what they learned as frozen buffers
+    `settled_index` / `settled_values`, so re-selecting never loses an update."""
+
+    def __init__(self, patches: str, shape: tuple[int, ...], index: Optional[torch.Tensor], *, device=None,
+                 dtype=None):
         super().__init__()
         self.patches, self.shape = patches, tuple(shape)
-        self.register_buffer("index", index.to(device=device, dtype=torch.long))
-        self.values = nn.Parameter(torch.zeros(index.numel(), device=device, dtype=dtype))
+        k = math.prod(self.shape) if index is None else index.numel()
+        self.index: Optional[torch.Tensor]
+        if index is None:
+            self.index = None
+        else:
+            self.register_buffer("index", index.to(device=device, dtype=torch.long))
+        self.values = nn.Parameter(torch.zeros(k, device=device, dtype=dtype))
+
+    @classmethod
+    def on(cls, base: nn.Module, patches: str, site: SiteContext, select) -> "SparseDelta":
+        """The delta for `base.<patches>` at `site`: its index from the saved file when loading
+        (`site.saved`), else `select()` (flat indices, or None for every entry)."""
+        param = getattr(base, patches, None)
+        ref = base.weight
+        shape = tuple(param.shape) if param is not None else (base.out_features,)
+        saved = site.saved
+        index = (saved.get("index") if saved is not None else select())
+        delta = cls(patches, shape, index, device=ref.device, dtype=ref.dtype)
+        if saved is not None and "settled_index" in saved:
+            delta.settle(saved["settled_index"], saved["settled_values"])
+        return delta
+
+    def deltas(self) -> list[tuple[str, "SparseDelta"]]:
+        return [(self.patches, self)]
+
+    @property
+    def count(self) -> int:
+        return self.values.numel()
+
+    def settle(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the frozen, already-learned entries (buffers, saved with the delta)."""
+        self.register_buffer("settled_index", index.to(self.values.device, torch.long).clone())
+        self.register_buffer("settled_values", values.detach().to(self.values).clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a resumed Fish-DiP run: the settled set has the size it had when the checkpoint was written
+        key = prefix + "settled_index"
+        if key in state_dict and (getattr(self, "settled_index", None) is None
+                                  or self.settled_index.shape != state_dict[key].shape):
+            self.settle(state_dict[key], state_dict[prefix + "settled_values"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def delta_flat(self, base: torch.Tensor) -> torch.Tensor:
+        """base.reshape(-1) + Δ, out of place (the base tensor is never written)."""
+        flat = base.reshape(-1)
+        values = self.values.to(base.dtype)
+        flat = flat + values if self.index is None else flat.index_add(0, self.index, values)
+        if getattr(self, "settled_index", None) is not None and self.settled_index.numel():
+            flat = flat.index_add(0, self.settled_index, self.settled_values.to(base.dtype))
+        return flat
 
     def patched(self, param: Optional[torch.Tensor]) -> torch.Tensor:
-        """param + Δ (out of place: the base tensor is never written)."""
+        """param + Δ."""
         base = param if param is not None else self.values.new_zeros(self.shape)
-        flat = base.reshape(-1).index_add(0, self.index, self.values.to(base.dtype))
-        return flat.view(self.shape)
+        return self.delta_flat(base).view(self.shape)
 
     @torch.no_grad()
     def merge_into(self, layer: nn.Module) -> None:
@@ -54,12 +108,45 @@ class SparseDelta(nn.Module):
         if param is None:                            # bitfit add_missing: the bias appears on merge
             param = nn.Parameter(self.values.new_zeros(self.shape), requires_grad=False)
             setattr(layer, self.patches, param)
-        self._before = param.view(-1)[self.index].clone()      # unmerge restores these bitwise
-        param.view(-1).index_add_(0, self.index, self.values.to(param.dtype))
+        self._before = param.detach().clone()        # unmerge restores it bitwise
+        param.copy_(self.patched(param))             # the same float sums as the forward: bitwise
 
     @torch.no_grad()
     def unmerge_from(self, layer: nn.Module) -> None:
-        getattr(layer, self.patches).view(-1)[self.index] = self._before
+        getattr(layer, self.patches).copy_(self._before)
+        del self._before
+
+
+class DeltaSet(nn.Module):
+    """Deltas on several parameters of one layer (weight and bias of a cross-attention projection),
+    one adapter: `deltas` maps the parameter name to its SparseDelta."""
+
+    def __init__(self, deltas: dict[str, SparseDelta]):
+        super().__init__()
+        self.parts = nn.ModuleDict(deltas)
+        self.patches = "+".join(deltas)
+
+    @classmethod
+    def on(cls, base: nn.Module, site: SiteContext, select: dict) -> "DeltaSet":
+        """`select`: parameter name -> a selection function, as SparseDelta.on takes."""
+        parts = {}
+        for name, chooser in select.items():
+            prefix = f"parts.{name}."
+            saved = None if site.saved is None else {k[len(prefix):]: v for k, v in site.saved.items()
+                                                      if k.startswith(prefix)}
+            parts[name] = SparseDelta.on(base, name, dataclasses.replace(site, saved=saved), chooser)
+        return cls(parts)
+
+    def deltas(self) -> list[tuple[str, SparseDelta]]:
+        return list(self.parts.items())
+
+    def merge_into(self, layer: nn.Module) -> None:
+        for delta in self.parts.values():
+            delta.merge_into(layer)
+
+    def unmerge_from(self, layer: nn.Module) -> None:
+        for delta in self.parts.values():
+            delta.unmerge_from(layer)
 
 
 # ---- BitFit --------------------------------------------------------------------------------------
@@ -85,8 +172,7 @@ class BitFit(Method):
             config is not None and config.add_missing and isinstance(module, nn.Linear))
 
     def adapter_for(self, base: nn.Module, config: BitFitConfig, site: SiteContext) -> nn.Module:
-        n, w = self.count_for(base, config, site), base.weight
-        return SparseDelta("bias", (n,), torch.arange(n), device=w.device, dtype=w.dtype)
+        return SparseDelta.on(base, "bias", site, lambda: None)      # every bias entry: a dense delta
 
     def count_for(self, base: nn.Module, config: BitFitConfig, site: SiteContext) -> int:
         bias = getattr(base, "bias", None)      # a missing one (add_missing) has one entry per output
@@ -95,35 +181,13 @@ class BitFit(Method):
 
 # ---- PaFi ----------------------------------------------------------------------------------------
 
-@dataclass
-class PaFiConfig(AdapterConfig):
-    density: Optional[float] = None        # fraction of the targeted weight entries
-    count: Optional[int] = None            # or an exact number of entries
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if (self.density is None) == (self.count is None):
-            raise PeftError(f"density={self.density!r}, count={self.count!r}: give exactly one of the two")
-        if self.density is not None and (not isinstance(self.density, (int, float)) or not 0 < self.density <= 1):
-            raise PeftError(f"density={self.density!r}: expected a fraction in (0, 1]")
-        if self.count is not None and (not isinstance(self.count, int) or isinstance(self.count, bool)
-                                       or self.count <= 0):
-            raise PeftError(f"count={self.count!r}: expected a positive integer")
-
-    def budget(self, total: int) -> int:
-        k = self.count if self.count is not None else max(1, math.floor(self.density * total))
-        if k > total:
-            raise PeftError(f"count={k}: the targeted weights hold only {total:,} entries")
-        return k
-
-
-def global_smallest(weights: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Flat indices, per tensor, of the k entries with the smallest |w| over all tensors together
-    (exactly k: torch.topk breaks ties)."""
-    flat = torch.cat([w.detach().abs().reshape(-1).float() for w in weights])
-    chosen = torch.topk(flat, k, largest=False, sorted=False).indices.sort().values
+def global_top(scores: list[torch.Tensor], k: int, largest: bool = True) -> list[torch.Tensor]:
+    """Flat indices, per tensor, of the k entries with the largest (or smallest) score over all
+    tensors together: exactly k (torch.topk breaks ties), sorted within each tensor."""
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+    chosen = torch.topk(flat, k, largest=largest, sorted=False).indices.sort().values
     out, start = [], 0
-    for w in weights:
+    for w in scores:
         end = start + w.numel()
         inside = chosen[(chosen >= start) & (chosen < end)]
         out.append(inside - start)
@@ -131,21 +195,27 @@ def global_smallest(weights: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
+def global_budget(config: SelectionConfig, site: SiteContext) -> int:
+    """A budget taken over every targeted weight together, counted once (at site 0)."""
+    if site.index != 0:
+        return 0
+    return config.budget(sum(b.weight.numel() for b in site.bases))
+
+
 @register
 class PaFi(Method):
     name = "pafi"
-    config_class = PaFiConfig
+    config_class = SelectionConfig
     default_targets = "all-linear"
 
-    def adapter_for(self, base: nn.Linear, config: PaFiConfig, site: SiteContext) -> nn.Module:
-        if "index" not in site.shared:
-            weights = [b.weight for b in site.bases]
-            site.shared["index"] = global_smallest(weights, config.budget(sum(w.numel() for w in weights)))
-        w = base.weight
-        return SparseDelta("weight", tuple(w.shape), site.shared["index"][site.index], device=w.device, dtype=w.dtype)
+    def adapter_for(self, base: nn.Linear, config: SelectionConfig, site: SiteContext) -> nn.Module:
+        def select():
+            if "index" not in site.shared:
+                weights = [b.weight.abs() for b in site.bases]
+                site.shared["index"] = global_top(weights, config.budget(sum(w.numel() for w in weights)),
+                                                  largest=False)
+            return site.shared["index"][site.index]
+        return SparseDelta.on(base, "weight", site, select)
 
-    def count_for(self, base: nn.Linear, config: PaFiConfig, site: SiteContext) -> int:
-        if site.index != 0:
-            return 0
-        total = sum(b.weight.numel() for b in site.bases)
-        return config.budget(total)                   # the whole budget, counted once
+    def count_for(self, base: nn.Linear, config: SelectionConfig, site: SiteContext) -> int:
+        return global_budget(config, site)
