@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import (adalora, bottleneck, coda, dylora, fishmask, ia3, lora, lora_fa, prefix, prompt,  # noqa: F401
-               selective)  # (register the methods)
+from . import (adalora, bottleneck, coda, diff_pruning, dylora, far, fishmask, ia3, lora, lora_fa,  # noqa: F401
+               prefix, prompt, selective, spt, xattn)  # (register the methods)
 from .adalora import orthogonality_penalty
 from .adalora_budget import budget_at
 from .dylora import set_rank

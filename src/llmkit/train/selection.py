@@ -35,6 +35,12 @@ class Selection:
             self.bad_evals += 1
         return self.patience is not None and self.bad_evals >= self.patience
 
+    def reset(self) -> None:
+        """Forget the best so far: the model changed form mid-run (diff pruning swaps its dense
+        delta for the kept entries), so earlier snapshots and scores no longer apply."""
+        self.step = self.value = self.metrics = self.state = None
+        self.bad_evals = 0
+
     def restore(self, model: nn.Module) -> None:
         if self.state is not None:
             model.load_state_dict(self.state)
