@@ -145,13 +145,3 @@ def test_selection_options_are_checked():
                        ({"count": 10 ** 9}, "hold only")):
         with pytest.raises(PeftError, match=match):
             peft.apply(model_for(), "pafi", **bad)
-
-
-@pytest.mark.parametrize("name", ["bitfit", "pafi"])
-def test_each_selective_method_has_a_minilm_sst2_recipe(name):
-    from conftest import REPO
-    from llmkit.finetune import parse_finetune_recipe
-    from llmkit.recipes import load_yaml
-    recipe = load_yaml(REPO / "recipes" / f"peft_{name}_minilm_sst2.yaml")
-    assert recipe["peft"]["method"] == name
-    parse_finetune_recipe(recipe)

@@ -114,7 +114,9 @@ def run_finetune(recipe: FinetuneRecipe, *, reporter=None, verbose: bool = True)
     eval_size = data.eval_batch_size or data.batch_size
     dev = task.eval_set(dev_rows, shape, tokenizer, eval_size) if dev_rows is not None else None
     test = task.eval_set(test_rows, shape, tokenizer, eval_size) if test_rows is not None else None
-    handle = apply_peft_block(model, recipe.peft, tokenizer)
+    handle = apply_peft_block(model, recipe.peft, tokenizer, loss_fn=task.loss,
+                              data=lambda: iter(task.batches(examples, tokenizer, batch_size=data.batch_size,
+                                                             shuffle=True, seed=data.seed + 1)))
 
     # ---- losses, forgetting remedies and report --------------------------------------------
     loss_fn: Any = task.loss
