@@ -219,8 +219,26 @@ def sst2_worker(method: str, quick: bool, extra: tuple = ()) -> dict:
     original_apply, original_eval = peft.apply, tasks.evaluate_classification
 
     def spy_apply(model, method_name, **kw):
+        start = time.perf_counter()             # includes a data-driven selection (Fisher, sensitivity)
         captured["handle"] = original_apply(model, method_name, **kw)
+        captured["apply_s"] = time.perf_counter() - start
         return captured["handle"]
+
+    import torch
+    original_init = torch.optim.Optimizer.__init__
+
+    def state_bytes(optimizer) -> int:
+        return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                   if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+    def spy_optimizer(self, *args, **kwargs):      # the Trainer's optimizer: its largest state over the steps
+        original_init(self, *args, **kwargs)
+        captured["state_bytes"] = 0
+
+        def after_step(optimizer, *_):
+            captured["state_bytes"] = max(captured["state_bytes"], state_bytes(optimizer))
+        self.register_step_post_hook(after_step)
+    torch.optim.Optimizer.__init__ = spy_optimizer
 
     def spy_eval(model, batches, names):
         captured.update(model=model, batches=batches, names=names)
@@ -235,7 +253,9 @@ def sst2_worker(method: str, quick: bool, extra: tuple = ()) -> dict:
               "s_per_step": summary["train_seconds"] / max(summary["steps"], 1),
               "trainable": trainable.count if trainable else total,
               "percent": trainable.percent if trainable else 100.0,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "apply_s": captured.get("apply_s", 0.0),
+              "optimizer_state_bytes": captured.get("state_bytes", 0)}
     if method == "dylora":
         ranks = {}
         for b in range(1, handle.adapters["default"].config.r + 1):

@@ -48,3 +48,60 @@ def test_each_selective_method_has_a_minilm_sst2_recipe(name):
     recipe = load_yaml(REPO / "recipes" / f"peft_{name}_minilm_sst2.yaml")
     assert recipe["peft"]["method"] == name
     parse_finetune_recipe(recipe)
+
+
+def reversal_rows(n, seed):
+    import random
+    rng = random.Random(seed)
+    words = ["ab", "cd", "ef", "gh", "ij", "kl"]
+    rows = []
+    for _ in range(n):
+        line = [rng.choice(words) for _ in range(3)]
+        rows.append({"prompt": " ".join(line), "response": " ".join(reversed(line))})
+    return rows
+
+
+def seq2seq_recipe(tmp_path, **sections):
+    recipe = {
+        "model": {"preset": "bart-tiny", "tokenizer": "char", "task": "seq2seq", "d_model": 32, "n_layers": 1,
+                  "n_heads": 2, "d_ff": 64, "dropout": 0.0, "attn_dropout": 0.0},
+        "data": {"train": reversal_rows(256, 0), "dev": reversal_rows(32, 1), "test": reversal_rows(32, 2),
+                 "max_len": 16, "batch_size": 32},
+        "train": {"out_dir": str(tmp_path / "run"), "lr": 1e-2, "max_steps": 60, "progress": False,
+                  "tensorboard": False, "plot": False, "log_every": 20, "keep_last": 1, "eval_every": 0},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    return recipe
+
+
+def test_seq2seq_task_learns_word_reversal_and_evaluates_the_same_after_saving(tmp_path):
+    summary = run_finetune(parse_finetune_recipe(seq2seq_recipe(tmp_path)), verbose=False)
+    assert summary["test"]["loss"] < 1.0 and summary["test"]["token_accuracy"] > 0.7
+    metrics = run_eval(EvalRecipe(model=str(tmp_path / "run" / "model"), data=reversal_rows(32, 2), max_len=16))
+    assert metrics["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
+    assert metrics["exact_match"] == pytest.approx(summary["test"]["exact_match"])
+
+
+def test_xattn_trains_only_bart_cross_attention_through_the_job(tmp_path):
+    import torch
+    from llmkit.finetune.tasks import load_task
+    first = run_finetune(parse_finetune_recipe(seq2seq_recipe(tmp_path / "a", train={"max_steps": 30})),
+                         verbose=False)
+    base = tmp_path / "a" / "run" / "model"
+    recipe = seq2seq_recipe(tmp_path / "b", peft={"method": "xattn"}, train={"max_steps": 30})
+    recipe["model"] = {"from": str(base), "task": "seq2seq"}
+    summary = run_finetune(parse_finetune_recipe(recipe), verbose=False)
+    _, before, _ = load_task(base)
+    _, after, _ = load_task(tmp_path / "b" / "run" / "model")
+    changed = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert changed and all(".cross_attn." in n for n in changed), changed
+    assert summary["trainable_parameters"] == sum(p.numel() for n, p in before.named_parameters()
+                                                  if ".cross_attn." in n and "norm" not in n)
+    assert first["steps"] == summary["steps"] == 30
+
+
+def test_xattn_has_a_bart_seq2seq_recipe():
+    recipe = load_yaml(REPO / "recipes" / "peft_xattn_bart_seq2seq.yaml")
+    assert recipe["peft"]["method"] == "xattn" and recipe["model"]["task"] == "seq2seq"
+    parse_finetune_recipe(recipe)

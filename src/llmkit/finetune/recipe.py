@@ -1,7 +1,7 @@
 """`FinetuneRecipe`: the YAML schema of `llmkit finetune` / `llmkit eval` / `llmkit tune`.
 
     model:      from: path/to/checkpoint (HF or llmkit) | preset: llama-tiny (+ ModelConfig fields)
-                task: causal_lm | sequence_classification | token_classification; tokenizer; pooling
+                task: causal_lm | sequence_classification | token_classification | seq2seq; tokenizer; pooling
     data:       train / dev / test sources, column mapping, max_len, packing, truncation policy
     train:      any TrainConfig field (optimizer, lr, steps, schedule, ...; eval_every, eval_metric,
                 keep_best, patience: the dev evaluation, best weights and early stopping)

@@ -13,6 +13,7 @@
 | causal_lm (SFT)         | SFTBatches           | CE over response tokens (sft.py)       | loss, ppl (+ exact match)     |
 | sequence_classification | ClassificationBatches| CE of the pooled logits                | accuracy, P/R/F1, confusion   |
 | token_classification    | ClassificationBatches| CE over first sub-tokens               | accuracy, P/R/F1, confusion   |
+| seq2seq (BART)          | Seq2SeqBatches       | CE over response tokens (seq2seq.py)   | loss, token acc, exact match  |
 
 A new task subclasses `Task` and adds itself to FINETUNE_TASKS.
 """
@@ -23,13 +24,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..jobs.artifacts import HEADS, load_artifacts, save_artifacts
-from ..model import CausalLM, build_model
+from ..model import CausalLM, Seq2SeqLM, build_model
 from ..recipes import RecipeError
 from ..tokenizer import Tokenizer, train_char
 from .classification import (ClassificationBatches, encode_sequence_rows, encode_token_rows,
                              sequence_classification_loss, token_classification_loss)
 from .data import LabelVocab, Row
 from .loops import evaluate_classification, evaluate_generation, heldout_perplexity
+from .seq2seq import Seq2SeqBatches, encode_seq2seq_rows, evaluate_seq2seq, seq2seq_loss
 from .sft import SFTBatches, encode_sft_rows, row_messages, sft_loss
 
 
@@ -213,7 +215,45 @@ class TokenClassification(_Classification):
     loss_fn = staticmethod(token_classification_loss)
 
 
-FINETUNE_TASKS: dict[str, type] = {t.name: t for t in (CausalSFT, SequenceClassification, TokenClassification)}
+class Seq2Seq(Task):
+    """prompt -> response on an encoder-decoder (BART): see seq2seq.py."""
+    name, metric = "seq2seq", "loss"
+
+    def texts(self, rows, shape):
+        return [str(r.values["prompt"]) + str(r.values["response"]) for r in rows]
+
+    def encode(self, rows, shape, tokenizer, split, truncation=None):
+        if shape != "prompt_response":
+            raise RecipeError(f"model.task=seq2seq: expected prompt/response rows, found the {shape} shape")
+        return encode_seq2seq_rows(rows, tokenizer, max_len=self.options.max_len), 0
+
+    def batches(self, examples, tokenizer, *, batch_size, shuffle, seed=0):
+        return Seq2SeqBatches(examples, batch_size, tokenizer.pad_id, self.start, shuffle=shuffle, seed=seed)
+
+    def loss(self, model, batch):
+        return seq2seq_loss(model, batch)
+
+    def evaluate(self, model, eval_set, generate_rows=None):
+        return evaluate_seq2seq(model, eval_set.batches, self.options.max_new_tokens)
+
+    def build_model(self, section, tokenizer):
+        if section.checkpoint is None:
+            model = build_model(section.config(tokenizer), "seq2seq_lm")
+        else:
+            model = load_artifacts(section.checkpoint).model
+        if not isinstance(model, Seq2SeqLM):
+            raise RecipeError(f"model.from={section.checkpoint!r} holds a {type(model).__name__}: task seq2seq "
+                              "needs an encoder-decoder (Seq2SeqLM, e.g. BART) checkpoint")
+        config = model.config                # BART starts decoding from </s> when nothing else is set
+        if config.decoder_start_token_id is None:
+            config.decoder_start_token_id = config.bos_token_id if config.bos_token_id is not None else \
+                config.eos_token_id
+        self.start = config.decoder_start_token_id
+        return model.train()
+
+
+FINETUNE_TASKS: dict[str, type] = {t.name: t for t in (CausalSFT, SequenceClassification, TokenClassification,
+                                                        Seq2Seq)}
 
 
 def make_task(name: str, options: Optional[TaskOptions] = None, labels: Optional[LabelVocab] = None) -> Task:
@@ -232,4 +272,6 @@ def load_task(directory: Union[str, Path], options: Optional[TaskOptions] = None
     task = make_task(name, options, LabelVocab(labels, origin="the checkpoint's labels") if labels else None)
     if isinstance(task, _Classification):
         task._with_types(saved.model)
+    if isinstance(task, Seq2Seq):
+        task.start = saved.model.config.decoder_start_token_id
     return task, saved.model, saved.tokenizer

@@ -147,8 +147,8 @@ def prune(handle, name: Optional[str] = None, optimizer=None) -> int:
 
 
 class PruneCallback:
-    """Prunes at step prune_at, or at the end of training; the best-so-far snapshot is reset, since
-    the model's trainable form changed."""
+    """Prunes at step prune_at, or at the end of training if not pruned by then; the best-so-far
+    snapshot is reset, since the model's trainable form changed."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -165,7 +165,7 @@ class PruneCallback:
         self._prune(trainer, lambda c: c.prune_at == step)
 
     def on_train_end(self, trainer) -> None:
-        self._prune(trainer, lambda c: c.prune_at is None)
+        self._prune(trainer, lambda c: True)      # prune_at=None, or a run that ended before prune_at
 
 
 @register
