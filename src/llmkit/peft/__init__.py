@@ -10,7 +10,8 @@
     handle = llmkit.peft.load(model, "out")
 
 Methods (METHODS): lora, dylora, adalora, lora_fa; serial_adapter, parallel_adapter, coda,
-prompt_tuning, prefix_tuning, p_tuning_v2, apt, ia3; bitfit, pafi. A new method subclasses `registry.Method`
+prompt_tuning, prefix_tuning, p_tuning_v2, apt, ia3; bitfit, pafi, diff_pruning,
+fishmask, fish_dip, child_tuning, far, xattn, spt. A new method subclasses `registry.Method`
 (placement "layer", "slot" or "model") and registers itself with `@register`. apply() freezes
 every model parameter outside the active adapters (and the modules_to_save copies), so the
 Trainer's optimizer trains the adapters alone; a method's per-step hooks come from
