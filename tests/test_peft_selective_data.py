@@ -183,3 +183,46 @@ def test_data_methods_reject_bad_input():
         peft.apply(model, "child_tuning", mode="D", p_d=0)
     with pytest.raises(PeftError, match=r"mode='X'"):
         peft.apply(model, "child_tuning", mode="X")
+
+
+class Stream:
+    """A list of batches as a resumable Trainer stream (its position is checkpointed)."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        return self.items[(self.i - 1) % len(self.items)]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def test_fish_dip_resumes_from_a_trainer_checkpoint_like_an_uninterrupted_run(tmp_path):
+    from llmkit.train import TrainConfig, Trainer
+
+    def run(out, steps, resume=False):
+        model = model_for()
+        handle = peft.apply(model, "fish_dip", count=200, update_every=2, targets=["up_proj"],
+                            batches=batches(2, seed=9), loss_fn=lm_loss, num_batches=2)
+        config = TrainConfig(max_steps=steps, lr=1e-2, out_dir=str(out), progress=False, tensorboard=False,
+                             plot=False, save_every=3, resume=resume, schedule="constant", warmup_steps=0)
+        Trainer(model, handle.wrap_loss(lambda m, b: (lm_loss(m, b), {})), Stream(batches(20, seed=3)),
+                config=config, callbacks=handle.callbacks()).fit()
+        return model, handle
+
+    straight, _ = run(tmp_path / "a", 5)
+    run(tmp_path / "b", 3)                                  # stops at step 3 with settled entries saved
+    resumed, handle = run(tmp_path / "b", 5, resume=True)
+    assert any(getattr(a, "settled_index", None) is not None and a.settled_index.numel()
+               for _, _, a in handle.adapter_modules())
+    x = batches(1, seed=77)[0]
+    with torch.no_grad():
+        assert torch.equal(resumed(x).logits, straight(x).logits)
