@@ -9,7 +9,8 @@ logps.py: `sequence_logps` (log π(y|x) from logits) and its head-on-completions
 losses.py: the pure loss formulas; data.py: rows, tokenizing, batches; objectives.py: the
 Trainer objectives; on_policy.py: preference pairs from the model's own wrong answers; recipe.py:
 `llmkit align recipe.yaml`; demo_stage.py: the demo's preference stage; ppo_math.py: PPO's pure
-functions (KL estimators, reward placement, GAE, whitening, clipped losses, KL controllers).
+functions (KL estimators, reward placement, GAE, whitening, clipped losses, KL controllers);
+judge.py: an AI judge's P(A ≻ B), averaged over both orders (RLAIF).
 """
 from .data import (PreferenceBatches, collate_pairs, collate_unpaired, normalize_row, normalize_rows, read_rows,
                    split_dialogue, to_unpaired, tokenize_rows, truncate)

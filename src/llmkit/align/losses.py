@@ -20,18 +20,23 @@ import torch.nn.functional as F
 
 
 def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, margin: Optional[torch.Tensor] = None,
-                center_coef: float = 0.0) -> torch.Tensor:
+                center_coef: float = 0.0, label: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bradley–Terry reward-model loss (Bradley & Terry, 1952; Ouyang et al., 2022, "Training language
     models to follow instructions with human feedback"):
 
         L = −log σ(s_w − s_l − m) + c · (s_w + s_l)²
 
     s = the scalar scores (B,); m an optional per-pair margin (B,) (Llama 2's margin loss, Touvron
-    et al., 2023); c > 0 centres the rewards around zero (Eisenstein et al., 2023). Returns (B,)."""
+    et al., 2023); c > 0 centres the rewards around zero (Eisenstein et al., 2023). A soft `label`
+    p = P(chosen ≻ rejected) (B,) (an AI judge's, RLAIF: Lee et al., 2023) gives the cross-entropy
+    −p log σ(Δ) − (1 − p) log σ(−Δ), which is the loss above at p = 1. Returns (B,)."""
     diff = chosen_scores - rejected_scores                                          # (B,)
     if margin is not None:
         diff = diff - margin
     loss = -F.logsigmoid(diff)                                                      # (B,)
+    if label is not None:
+        p = label.to(diff.dtype)
+        loss = p * loss - (1 - p) * F.logsigmoid(-diff)
     if center_coef:
         loss = loss + center_coef * (chosen_scores + rejected_scores) ** 2
     return loss
