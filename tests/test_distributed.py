@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,6 +48,13 @@ def _torchrun(out_dir: Path, kind: str, setup: dict) -> dict:
                str(WORKER), str(out_dir), "--distributed", kind, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMKIT_NO_PROGRESS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    if proc.returncode != 0 and "RESULT" in proc.stdout and "terminate called without an active exception" in proc.stderr:
+        # A rank aborted in C++ teardown after finishing its work and printing its result (seen once
+        # in a fresh-clone run, 2026-12-07, FSDP + gloo on 2 CPU processes). Run once more from an
+        # empty folder; any other failure, or this one twice, fails the test.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return json.loads(re.search(r"RESULT (.*)", proc.stdout).group(1))
 
