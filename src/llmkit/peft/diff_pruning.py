@@ -62,6 +62,13 @@ class DiffPruningConfig(SelectionConfig):
             raise PeftError(f"prune_at={self.prune_at!r}: expected a positive step or None (the end of training)")
 
 
+def gate_groups(shape: tuple[int, ...], config: DiffPruningConfig) -> tuple[int, int]:
+    """(entries a gate covers, number of gates) for a weight of `shape`."""
+    numel = math.prod(shape)
+    size = {"entry": 1, "row": numel // shape[0], "block": config.block_size}[config.structure]
+    return size, -(-numel // size)
+
+
 class HardConcreteDelta(nn.Module):
     """z ⊙ w on the layer's weight; `log_alpha` (groups,), `w` (numel,)."""
     patches = "weight"
@@ -70,8 +77,7 @@ class HardConcreteDelta(nn.Module):
         super().__init__()
         self.shape, self.numel = tuple(shape), math.prod(shape)
         self.structure, (self.low, self.high), self.beta = config.structure, config.stretch, config.beta
-        self.group = {"entry": 1, "row": self.numel // self.shape[0], "block": config.block_size}[self.structure]
-        groups = -(-self.numel // self.group)
+        self.group, groups = gate_groups(self.shape, config)
         self.w = nn.Parameter(torch.zeros(self.numel, device=device, dtype=dtype))
         self.log_alpha = nn.Parameter(torch.full((groups,), float(config.log_alpha_init), device=device,
                                                  dtype=torch.float32))
@@ -186,8 +192,7 @@ class DiffPruning(Method):
     def count_for(self, base: nn.Linear, config: DiffPruningConfig, site: SiteContext) -> int:
         if config.pruned:
             return global_budget(config, site)
-        probe = HardConcreteDelta(tuple(base.weight.shape), config, device="meta")
-        return probe.w.numel() + probe.log_alpha.numel()
+        return base.weight.numel() + gate_groups(tuple(base.weight.shape), config)[1]      # w + log α
 
     def penalty(self, handle) -> Optional[torch.Tensor]:
         """λ Σ E[‖z‖₀] over the active, unpruned adapters."""

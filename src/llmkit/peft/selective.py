@@ -108,13 +108,30 @@ class SparseDelta(nn.Module):
         if param is None:                            # bitfit add_missing: the bias appears on merge
             param = nn.Parameter(self.values.new_zeros(self.shape), requires_grad=False)
             setattr(layer, self.patches, param)
-        self._before = param.detach().clone()        # unmerge restores it bitwise
-        param.copy_(self.patched(param))             # the same float sums as the forward: bitwise
+        new = self.patched(param).reshape(-1)       # the same float sums as the forward: bitwise
+        flat, touched = param.view(-1), self.touched()
+        if touched is None:                          # dense: the whole tensor changes
+            self._before = param.detach().clone()
+            param.copy_(new.view(self.shape))
+        else:                                        # sparse: keep and write only the k entries
+            self._before = flat[touched].clone()
+            flat[touched] = new[touched]
 
     @torch.no_grad()
     def unmerge_from(self, layer: nn.Module) -> None:
-        getattr(layer, self.patches).copy_(self._before)
+        param, touched = getattr(layer, self.patches), self.touched()
+        if touched is None:
+            param.copy_(self._before)
+        else:
+            param.view(-1)[touched] = self._before
         del self._before
+
+    def touched(self) -> Optional[torch.Tensor]:
+        """The flat entries Δ changes (None: every entry)."""
+        if self.index is None:
+            return None
+        settled = getattr(self, "settled_index", None)
+        return self.index if settled is None or not settled.numel() else torch.cat([self.index, settled])
 
 
 class DeltaSet(nn.Module):
