@@ -27,12 +27,7 @@ import torch
 from ..data.synthetic import exact_match
 from ..generation import generate
 from ..model.modes import evaluating
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    special = set(getattr(tokenizer, "special_ids", ()) or ())
-    special.discard(tokenizer.pad_token_id)
-    return sorted(special | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+from .rollout import left_pad, stop_token_ids
 
 
 @torch.no_grad()
@@ -42,16 +37,15 @@ def complete(model, tokenizer, prompts: Sequence[str], *, prefix_ids: Sequence[i
     """The model's answer to each prompt (greedy, or sampled), cut at the first stop (special) token.
 
     Prompts go in left-padded batches; each is prefix_ids + encode(prompt)."""
-    stops = _stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_id
     answers = []
     with evaluating(model) as device:
         for start in range(0, len(prompts), batch_size):
             ids = [list(prefix_ids) + tokenizer.encode(p, add_special_tokens=False)
                    for p in prompts[start:start + batch_size]]
-            width = max(len(i) for i in ids)
-            batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)         # (B, T)
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
+            batch, mask = left_pad(ids, pad, device)                                         # (B, T) each
+            width = batch.shape[1]
             out = generate(model, batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, stop_token_ids=stops, generator=generator)     # (B, T + n)
             for row in out[:, width:].tolist():
