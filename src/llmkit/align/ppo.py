@@ -285,6 +285,9 @@ class PPOTrainer:
         self.train_config = replace(train, max_steps=config.iterations * config.steps_per_rollout)
         if not prompts:
             raise ValueError("prompts=[]: expected at least one prompt")
+        if not any(p.requires_grad for p in policy.parameters()):
+            raise ValueError("the policy has no parameter with requires_grad=True: PPO would train only the critic; "
+                             "expected a trainable policy (or PEFT adapters on it)")
         prompt_ids = encode_prompts(tokenizer, prompts, max_seq_len=policy.config.max_seq_len,
                                     max_new_tokens=config.max_new_tokens, prefix_ids=prefix_ids)
         self.reward = as_reward(reward, policy_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer)

@@ -1,6 +1,6 @@
-"""`llmkit align recipe.yaml [key=value ...]`: reward modelling, DPO, IPO, KTO or ORPO from a recipe.
+"""`llmkit align recipe.yaml [key=value ...]`: reward modelling, DPO, IPO, KTO, ORPO or PPO from a recipe.
 
-    method:    rm | dpo | ipo | kto | orpo
+    method:    rm | dpo | ipo | kto | orpo | ppo (online: its own keys reward, track; see ppo_recipe.py)
     options:   the method's loss options (dpo: beta, label_smoothing, loss_type, nll_coef; ipo: tau,
                length_normalize, nll_coef; kto: beta, lambda_d, lambda_u, nll_coef; orpo: lam;
                rm: margin, center_coef)
@@ -39,7 +39,7 @@ from .objectives import ALIGN_METHODS, frozen_copy, make_alignment_objective, pr
 
 @dataclass
 class AlignData:
-    source: Any = "synthetic"          # "synthetic" (SyntheticTasks.preference_pairs) or a file of rows
+    source: Any = "synthetic"          # "synthetic" (SyntheticTasks.preference_pairs), "toy_reviews" (ppo) or a file
     synthetic_examples: int = 2000
     synthetic_tasks: Optional[list] = None   # subset of SyntheticTasks' tasks; None = all
     max_length: int = 128
@@ -68,10 +68,14 @@ class AlignRecipe:
     data: AlignData = field(default_factory=AlignData)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, max_steps=100))
     peft: Optional[dict] = None
+    reward: Optional[dict] = None      # ppo: {from: reward model} | {text: toy_reviews} | {judge: causal LM}
+    track: Optional[list] = None       # ppo: text rewards logged as objective/<name>
 
     def __post_init__(self):
-        if self.method not in ALIGN_METHODS:
-            raise ValueError(f"method={self.method!r}: expected one of {list(ALIGN_METHODS)}")
+        if self.method not in (*ALIGN_METHODS, "ppo"):
+            raise ValueError(f"method={self.method!r}: expected one of {[*ALIGN_METHODS, 'ppo']}")
+        if self.method != "ppo" and (self.reward is not None or self.track is not None):
+            raise ValueError(f"reward / track are keys of method=ppo, not method={self.method!r}")
         if self.reference not in ("copy", "precomputed"):
             raise ValueError(f"reference={self.reference!r}: expected 'copy' or 'precomputed'")
         if self.reference == "precomputed" and self.method not in ("dpo", "ipo"):
@@ -105,6 +109,9 @@ def _model_and_tokenizer(recipe: AlignRecipe, texts: list[str]):
 
 
 def run_align(recipe: AlignRecipe) -> dict:
+    if recipe.method == "ppo":
+        from .ppo_recipe import run_ppo
+        return run_ppo(recipe)
     start = time.time()
     out = Path(recipe.train.out_dir)
     rows = normalize_rows(_rows(recipe.data), bad_rows=recipe.data.bad_rows)

@@ -141,3 +141,26 @@ def policy_logits(model, rollout: Rollout, **inputs_override) -> tuple[torch.Ten
                 logits_index=where, **inputs_override)
     B, Tr = rollout.response.shape
     return out.logits.view(B, Tr, -1), out
+
+
+@torch.no_grad()
+def sample_kl_and_reward(policy, reference, tokenizer, prompts: Sequence[str], reward_fn, *, max_new_tokens: int,
+                         temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict:
+    """Monte Carlo E_{y~π}[R(x, y)] and KL(π‖π_ref) per completion = E_{y~π}[Σ_t log π(y_t) − log π_ref(y_t)]
+    over one sampled completion per prompt (both at `temperature`): the axes of a reward-vs-KL plot."""
+    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_id
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = encode_prompts(tokenizer, prompts, max_seq_len=policy.config.max_seq_len, max_new_tokens=max_new_tokens)
+    rewards, kls = [], []
+    for start in range(0, len(ids), batch_size):
+        rollout = sample_rollout(policy, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, stop_ids=stops, pad_id=pad, generator=generator)
+        with evaluating(policy), evaluating(reference):
+            logps = response_logps(policy_logits(policy, rollout)[0], rollout, temperature)         # (B, Tr)
+            ref = response_logps(policy_logits(reference, rollout)[0], rollout, temperature)        # (B, Tr)
+        kls += (logps - ref).sum(1).tolist()
+        texts = [tokenizer.decode([t for t, m in zip(row, mask) if m and t not in stops])
+                 for row, mask in zip(rollout.response.tolist(), rollout.response_mask.tolist())]
+        rewards += [float(r) for r in reward_fn(prompts[start:start + batch_size], texts)]
+    return {"reward": sum(rewards) / len(rewards), "kl": sum(kls) / len(kls), "n": len(rewards)}

@@ -167,3 +167,21 @@ def held_out_accuracy(reward_model, tokenizer, rows: Sequence[dict], batch_size:
             hits += int((scores[:b] > scores[b:]).sum())
     return hits / len(examples)
 
+
+
+def train_reward_model(backbone, tokenizer, rows: Sequence[dict], *, steps: int = 200, batch_size: int = 32,
+                       lr: float = 1e-3, out_dir: str = "runs/toy_rm", seed: int = 0, soft_labels: bool = False):
+    """A Bradley-Terry reward model on a copy of `backbone`'s trunk (`reward_model_from`), trained on
+    preference rows (with their soft "label" when soft_labels=True). Returns the ValueModel."""
+    import copy
+    from ..train import TrainConfig, Trainer
+    from .data import PreferenceBatches, tokenize_rows
+    from .objectives import RewardObjective, reward_model_from
+    model = reward_model_from(copy.deepcopy(backbone))
+    rows = rows if soft_labels else [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    examples = tokenize_rows(rows, tokenizer, max_length=model.config.max_seq_len)
+    config = TrainConfig(lr=lr, max_steps=steps, warmup_steps=min(20, steps // 10), out_dir=out_dir, seed=seed,
+                         log_every=max(1, steps // 5), save_every=0, progress=False, plot=False, tensorboard=False)
+    Trainer(model, RewardObjective().loss, PreferenceBatches(examples, batch_size, tokenizer.pad_id, seed=seed),
+            config=config).fit()
+    return model.eval()
