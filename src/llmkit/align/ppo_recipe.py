@@ -91,9 +91,11 @@ def run_ppo(recipe) -> dict:
     track = {name: TEXT_REWARDS[name] for name in recipe.track or ()}
     handle = apply_peft_block(policy, recipe.peft, tokenizer)
     prefix = [tokenizer.eos_token_id] if recipe.data.prefix_eos else []
-    trainer = PPOTrainer(policy, tokenizer, prompts, reward, config=config, train=recipe.train, handle=handle,
-                         reward_tokenizer=reward_tokenizer, track=track,
-                         prefix_ids=prefix)
+    try:
+        trainer = PPOTrainer(policy, tokenizer, prompts, reward, config=config, train=recipe.train, handle=handle,
+                             reward_tokenizer=reward_tokenizer, track=track, prefix_ids=prefix)
+    except ValueError as exc:           # a tokenizer mismatch, a prompt too long for the context, ...
+        raise RecipeError(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(to_yaml(recipe))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
