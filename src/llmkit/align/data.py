@@ -2,7 +2,9 @@
 
 Accepted rows (one dict each; `read_rows` reads .jsonl, .jsonl.gz, .json or takes a list):
 
-    {"prompt", "chosen", "rejected"}     paired preference (strings)
+    {"prompt", "chosen", "rejected"}     paired preference (strings); an optional "label" p in [0, 1]
+                                         is a soft preference P(chosen ≻ rejected) (an AI judge's,
+                                         RLAIF / RL-CAI): the reward model's cross-entropy target
     {"chosen", "rejected"}               full HH-RLHF dialogues ("\n\nHuman: … \n\nAssistant: …"):
                                          the shared prompt is everything up to the last
                                          "\n\nAssistant:", the completion is what follows it
@@ -19,6 +21,9 @@ Choices, and why:
   (the end of a prompt is what the answer depends on) down to max_prompt_length, then the
   completion loses tokens from its end; max_prompt_length < max_length, so a completion always
   keeps at least one token. A pair's two completions share one truncated prompt.
+- Soft labels: a paired example keeps "label" and `collate_pairs` carries it as "label" (B,) float,
+  which `RewardObjective` hands to `reward_loss(label=...)`; in a batch where only some pairs carry
+  one, the others count as hard preferences (p = 1).
 - Empty completions (empty or whitespace only) are an error naming the row and field: there is
   nothing to score.
 - chosen == rejected (as text, or after truncation): the pair carries no preference and its DPO
@@ -38,6 +43,7 @@ from ..data.errors import DataError
 from ..data.readers import read_records
 
 ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
 IDENTICAL = ("drop", "error")
 
 
@@ -63,6 +69,16 @@ def split_dialogue(text: str, where: str = "text") -> tuple[str, str]:
                         "('\\n\\nHuman: ... \\n\\nAssistant: ...') or an explicit 'prompt' field")
     cut += len(ASSISTANT)
     return text[:cut], text[cut:]
+
+
+def first_human_turn(text: str, where: str = "text") -> str:
+    """The first Human turn of an HH-RLHF dialogue, stripped: the prompt of a one-turn conversation."""
+    start = text.find(HUMAN)
+    if start < 0:
+        raise DataError(f"{where}: no {HUMAN!r} turn in {text[:60]!r}...: expected an HH-RLHF dialogue")
+    start += len(HUMAN)
+    ends = [i for i in (text.find(ASSISTANT, start), text.find(HUMAN, start)) if i >= 0]
+    return text[start:min(ends) if ends else len(text)].strip()
 
 
 def _render_messages(messages: Any, tokenizer, where: str) -> tuple[str, str]:
@@ -94,7 +110,7 @@ def normalize_row(row: Any, index: int, tokenizer=None) -> dict:
     where = f"row {index}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, found {type(row).__name__}")
-    if "completion" in row or "label" in row:
+    if "completion" in row or ("label" in row and "chosen" not in row and "rejected" not in row):
         missing = [k for k in ("prompt", "completion", "label") if k not in row]
         if missing:
             raise DataError(f"{where}: missing {missing}: expected the keys prompt, completion, label (unpaired)")
@@ -131,8 +147,17 @@ def normalize_row(row: Any, index: int, tokenizer=None) -> dict:
                         "conversation")
     if not isinstance(prompt, str):
         raise DataError(f"{where}.prompt={prompt!r}: expected a string")
-    return {"prompt": prompt, "chosen": _completion(chosen, f"{where}.chosen"),
-            "rejected": _completion(rejected, f"{where}.rejected")}
+    out = {"prompt": prompt, "chosen": _completion(chosen, f"{where}.chosen"),
+           "rejected": _completion(rejected, f"{where}.rejected")}
+    if "label" in row:
+        out["label"] = _soft_label(row["label"], f"{where}.label")
+    return out
+
+
+def _soft_label(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DataError(f"{where}={value!r}: expected a soft preference P(chosen ≻ rejected), a number in [0, 1]")
+    return float(value)
 
 
 def normalize_rows(rows: Iterable[Any], tokenizer=None, *, bad_rows: str = "error") -> list[dict]:
@@ -210,7 +235,10 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, *, max_length: int = 512, max
         if chosen == rejected:
             same.append(i)
             continue
-        out.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+        example = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+        if "label" in row:
+            example["label"] = float(row["label"])               # soft preference, see the module docstring
+        out.append(example)
     if same:
         message = (f"{len(same)} pair(s) have chosen == rejected (as text or after truncation to max_length="
                    f"{max_length}), rows {same[:5]}{' ...' if len(same) > 5 else ''}: they carry no preference")
@@ -239,12 +267,15 @@ def _sequences(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
 
 def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Paired examples -> one concatenated batch: rows 0..B-1 chosen, B..2B-1 rejected, (2B, T);
-    precomputed "ref_chosen_logps"/"ref_rejected_logps" (B,) when every example carries them."""
+    precomputed "ref_chosen_logps"/"ref_rejected_logps" (B,) when every example carries them; soft
+    "label" (B,) when any does (1.0 for those that do not)."""
     batch = _sequences([(e["prompt_ids"], e["chosen_ids"]) for e in examples]
                        + [(e["prompt_ids"], e["rejected_ids"]) for e in examples], pad_id)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if all(key in e for e in examples):
             batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+    if any("label" in e for e in examples):
+        batch["label"] = torch.tensor([e.get("label", 1.0) for e in examples], dtype=torch.float32)   # (B,)
     return batch
 
 

@@ -101,7 +101,8 @@ def precompute_reference_logps(examples: Sequence[dict], reference: nn.Module, p
 
 class RewardObjective:
     """Bradley–Terry reward model (see `losses.reward_loss`): one forward of a scalar-head model
-    (`ValueModel`, score at the last real token) over chosen and rejected rows."""
+    (`ValueModel`, score at the last real token) over chosen and rejected rows. A batch "label" (B,)
+    (soft preferences, e.g. RL-CAI's `harmlessness_labels`) makes it the soft-label cross-entropy."""
 
     def __init__(self, margin: float = 0.0, center_coef: float = 0.0):
         self.margin, self.center_coef = margin, center_coef
@@ -116,7 +117,7 @@ class RewardObjective:
         margin = batch.get("margin")
         if margin is None and self.margin:
             margin = torch.full_like(chosen, self.margin)
-        losses = reward_loss(chosen, rejected, margin=margin, center_coef=self.center_coef)
+        losses = reward_loss(chosen, rejected, margin=margin, center_coef=self.center_coef, label=batch.get("label"))
         loss = losses.mean()
         return loss, {"loss": loss.item(), **preference_metrics(chosen.detach(), rejected.detach())}
 
