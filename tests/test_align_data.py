@@ -134,8 +134,10 @@ def test_every_align_recipe_runs(method, tmp_path, monkeypatch):
 
 
 def test_recipe_errors_name_the_field():
-    with pytest.raises(RecipeError, match="method='ppo'"):
-        parse_align_recipe({"method": "ppo"})
+    with pytest.raises(RecipeError, match="method='grpo'"):
+        parse_align_recipe({"method": "grpo"})
+    with pytest.raises(RecipeError, match="reward / track are keys of method=ppo"):
+        parse_align_recipe({"method": "dpo", "reward": {"text": "toy_reviews"}})
     with pytest.raises(RecipeError, match="precomputed"):
         parse_align_recipe({"method": "kto", "reference": "precomputed"})
     with pytest.raises(RecipeError, match="data.batch_size=0"):
