@@ -272,13 +272,28 @@ def test_pairs_without_a_label_count_as_hard_and_bad_labels_are_named():
         normalize_rows([{"prompt": "p", "chosen": "a", "rejected": "b", "label": True}])
 
 
-def test_the_cpu_example_runs_end_to_end(tmp_path):
-    """examples/cai_hh_rlhf.py (the CAI entry point) on 4 real prompts with a fresh tiny model."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cai_example", REPO / "examples" / "cai_hh_rlhf.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    summary = example.main(["--prompts", "4", "--max-new-tokens", "8", "--sft-steps", "10", "--rm-steps", "2",
-                            "--out", str(tmp_path), "--data", str(SHARED_DATA / "hh_rlhf_harmless_test.jsonl.gz")])
-    assert summary["prompts"] == 4 and summary["sft_loss_after"] < summary["sft_loss_before"]
-    assert {"sl_cai_rows.jsonl", "rl_cai_labels.jsonl", "summary.json"} <= {p.name for p in tmp_path.iterdir()}
+def test_the_cai_recipe_runs_sl_cai_rl_cai_and_ppo_end_to_end(tmp_path):
+    """`llmkit align recipes/align_cai_hh_rlhf.yaml` on 6 real prompts with a fresh tiny model: every
+    stage leaves its file or model, the SFT stage learns its revisions, PPO runs on the preference model."""
+    from llmkit.cli import main
+    from llmkit.jobs.artifacts import load_artifacts
+    data = SHARED_DATA / "hh_rlhf_harmless_test.jsonl.gz"
+    assert main(["align", str(REPO / "recipes" / "align_cai_hh_rlhf.yaml"), f"data.source={data}",
+                 "options.prompts=6", "options.max_new_tokens=12", "options.sft_steps=20", "options.rm_steps=4",
+                 f"train.out_dir={tmp_path}", "train.progress=false"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "sl_cai_rows.jsonl").read_text().splitlines()]
+    assert summary["prompts"] == len(rows) == 6 and all(len(r["steps"]) == 1 for r in rows)
+    first = json.loads((tmp_path / "sl_cai" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["sl_cai_sft_loss"] < first["loss"]
+    labels = [json.loads(line) for line in (tmp_path / "rl_cai_labels.jsonl").read_text().splitlines()]
+    assert len(labels) == summary["pairs"] >= 1 and all(0.5 <= r["label"] <= 1 for r in labels)
+    assert hasattr(load_artifacts(tmp_path / "rm" / "model").model, "value_head")
+    assert (tmp_path / "rl_cai" / "model").is_dir() and "objective/kl" in summary["ppo"]
+
+
+def test_bad_cai_options_are_named(tmp_path, capsys):
+    from llmkit.cli import main
+    assert main(["align", str(REPO / "recipes" / "align_cai_hh_rlhf.yaml"), "options.round=2",
+                 f"train.out_dir={tmp_path}"]) != 0
+    assert "unknown key(s) ['round'] for method=cai" in capsys.readouterr().err

@@ -91,7 +91,7 @@ COMMANDS = {
     "eval": ("score a checkpoint on data: accuracy, P/R/F1, confusion matrix, perplexity, exact match",
              _eval_schema),
     "tune": ("hyperparameter search over a finetune recipe's search: block", _finetune_schema),
-    "align": ("alignment: method=rm | dpo | ipo | kto | orpo | ppo (see recipes/align_*.yaml)",
+    "align": ("alignment: method=rm | dpo | ipo | kto | orpo | ppo | cai (see recipes/align_*.yaml)",
               _align_schema),
     "generate": ("generate text from a checkpoint", lambda: GenerateRecipe),
     "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),

@@ -1,6 +1,7 @@
 """`llmkit align recipe.yaml [key=value ...]`: reward modelling, DPO, IPO, KTO, ORPO or PPO from a recipe.
 
-    method:    rm | dpo | ipo | kto | orpo | ppo (online: its own keys reward, track; see ppo_recipe.py)
+    method:    rm | dpo | ipo | kto | orpo | ppo (keys reward, track: ppo_recipe.py) | cai (Constitutional
+               AI, SL-CAI -> preference model -> PPO; key feedback: cai_recipe.py)
     options:   the method's loss options (dpo: beta, label_smoothing, loss_type, nll_coef; ipo: tau,
                length_normalize, nll_coef; kto: beta, lambda_d, lambda_u, nll_coef; orpo: lam;
                rm: margin, center_coef)
@@ -37,6 +38,9 @@ from .data import PreferenceBatches, normalize_rows, read_rows, to_unpaired, tok
 from .objectives import ALIGN_METHODS, frozen_copy, make_alignment_objective, precompute_reference_logps, reward_model_from
 
 
+ONLINE_METHODS = ("ppo", "cai")      # their own jobs: ppo_recipe.py, cai_recipe.py
+
+
 @dataclass
 class AlignData:
     source: Any = "synthetic"          # "synthetic" (SyntheticTasks.preference_pairs), "toy_reviews" (ppo) or a file
@@ -70,12 +74,15 @@ class AlignRecipe:
     peft: Optional[dict] = None
     reward: Optional[dict] = None      # ppo: {from: reward model} | {text: toy_reviews} | {judge: causal LM}
     track: Optional[list] = None       # ppo: text rewards logged as objective/<name>
+    feedback: Optional[str] = None     # cai: the feedback model's folder (None: a frozen copy of the SL-CAI model)
 
     def __post_init__(self):
-        if self.method not in (*ALIGN_METHODS, "ppo"):
-            raise ValueError(f"method={self.method!r}: expected one of {[*ALIGN_METHODS, 'ppo']}")
+        if self.method not in (*ALIGN_METHODS, *ONLINE_METHODS):
+            raise ValueError(f"method={self.method!r}: expected one of {[*ALIGN_METHODS, *ONLINE_METHODS]}")
         if self.method != "ppo" and (self.reward is not None or self.track is not None):
             raise ValueError(f"reward / track are keys of method=ppo, not method={self.method!r}")
+        if self.method != "cai" and self.feedback is not None:
+            raise ValueError(f"feedback is a key of method=cai, not method={self.method!r}")
         if self.reference not in ("copy", "precomputed"):
             raise ValueError(f"reference={self.reference!r}: expected 'copy' or 'precomputed'")
         if self.reference == "precomputed" and self.method not in ("dpo", "ipo"):
@@ -112,6 +119,9 @@ def run_align(recipe: AlignRecipe) -> dict:
     if recipe.method == "ppo":
         from .ppo_recipe import run_ppo
         return run_ppo(recipe)
+    if recipe.method == "cai":
+        from .cai_recipe import run_cai
+        return run_cai(recipe)
     start = time.time()
     out = Path(recipe.train.out_dir)
     rows = normalize_rows(_rows(recipe.data), bad_rows=recipe.data.bad_rows)
