@@ -52,6 +52,15 @@ def test_the_text_reward_needs_no_reward_model(checkpoints, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["rollouts"] == 2
 
 
+def test_d_rlaif_uses_a_judge_score_and_counts_its_unparsed_answers(checkpoints, tmp_path):
+    """reward: {judge: <causal LM>}: the (untrained) judge's answers are rarely a number in 1..10; every
+    completion is still rewarded (unparsed -> 0) and the counts add up to the completions judged."""
+    assert main(args(checkpoints, tmp_path, f"reward={{judge: {checkpoints / 'sft'}}}")) == 0
+    metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert metrics["judge/scored"] + metrics["judge/unparsed"] == 16     # 2 rollouts of 8
+    assert metrics["judge/unparsed"] > 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (("reward.from={rm_other}",), "tokenizer differs from the policy's"),
     (("data.max_prompt_length=5",), r"exceed data.max_prompt_length=5 tokens"),

@@ -250,6 +250,8 @@ class RolloutSource:
                  "objective/scores": float(scores.mean()), "objective/kl_coef": beta,
                  "val/num_eos_tokens": float(rollout.has_eos.sum()),
                  "val/completion_length": float(mask.sum(1).float().mean())}
+        for name, count in (self.reward.stats() if hasattr(self.reward, "stats") else {}).items():
+            stats[f"judge/{name}"] = float(count)     # cumulative: a d-RLAIF judge's unparsed answers are counted
         for name, fn in self.track.items():
             stats[f"objective/{name}"] = float(torch.as_tensor(fn(prompts, texts), dtype=torch.float32).mean())
         self.kl.update(stats["objective/kl"], len(chosen))

@@ -75,6 +75,10 @@ class TextReward:
             raise ValueError(f"reward function returned non-finite scores {scores.tolist()[:8]}: expected floats")
         return scores
 
+    def stats(self) -> dict:
+        """The function's own counters, if it keeps any (a judge's scored / unparsed answers)."""
+        return dict(getattr(self.fn, "stats", None) or {})
+
 
 def as_reward(obj, *, policy_tokenizer=None, reward_tokenizer=None):
     """A reward model (nn.Module with a value head) or a text function -> reward(rollout, prompts, completions)."""
