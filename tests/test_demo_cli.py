@@ -26,6 +26,10 @@ def test_demo_short_run_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert sft["heldout_ppl_before"] > 1 and sft["heldout_ppl_after"] > 1
     assert sft["heldout_ppl_change"] == pytest.approx(sft["heldout_ppl_after"] - sft["heldout_ppl_before"], abs=1e-3)
     assert (tmp_path / "sft" / "model" / "config.json").is_file()
+    ppo = summary["ppo"]                               # the PPO stage ran, reported and saved its policy
+    assert "PPO with an exact-match reward" in printed and ppo["iterations"] == 2
+    assert 0 <= ppo["before"]["exact_match"] <= 1 and 0 <= ppo["after"]["exact_match"] <= 1 and ppo["kl"] >= 0
+    assert (tmp_path / "ppo" / "model" / "config.json").is_file()
     for name in ("metrics.jsonl", "loss.png", "recipe.yaml", "model/config.json", "model/tokenizer.json"):
         assert (tmp_path / name).is_file(), name
     model = llmkit.load_hf(tmp_path / "model")
@@ -45,6 +49,9 @@ def test_demo_default_run_learns(tmp_path):
     assert after["val_loss"] < before["val_loss"] - 1.0
     sft = summary["sft"]                               # instruction SFT raises exact match on held-out instructions
     assert sft["exact_match_after"] > sft["exact_match_before"] + 0.2
+    ppo = summary["ppo"]                               # seen: 58.5% -> 60.0%, KL 0.008 a token
+    assert ppo["after"]["exact_match"] >= ppo["before"]["exact_match"] - 0.03 and ppo["kl"] < 0.05
+    assert ppo["reward_last"] > ppo["reward_first"]
 
 
 def test_cli_help_and_convert(tmp_path):

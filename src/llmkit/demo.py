@@ -12,6 +12,9 @@ Stages:
 5. preference: DPO (with the RPO NLL term on the chosen answer) on pairs whose rejected answer is
    the SFT model's own wrong answer (`llmkit.align`); exact match before/after, rewards/margins and
    the KL to the SFT model; align/model holds the result.
+6. RLHF: PPO on the SFT model with the truth as its reward (exact match of sampled answers on
+   training questions), KL-penalised to the SFT model (`llmkit.align.ppo`); held-out exact match
+   before/after and the KL; ppo/model holds the result.
 The run folder gets the Hugging Face checkpoint with its tokenizer, metrics.jsonl, TensorBoard
 events, loss.png and summary.json; sft/ and align/ hold the later stages' models and run files.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .align.demo_ppo import run_demo_ppo
 from .align.demo_stage import run_demo_preference
 from .data.synthetic import SyntheticTasks, exact_match
 from .generation import generate
@@ -130,10 +134,16 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1500, seed: int = 0, quest
     print("== stage 4: preference alignment (DPO on the SFT model's own wrong answers)")
     align = run_demo_preference(out / "sft" / "model", out / "align", SyntheticTasks(seed=recipe.data.seed),
                                 method="dpo", chat_template=DEMO_CHAT_TEMPLATE, seed=seed, questions=questions)
+    print("== stage 5: RLHF (PPO on the SFT model, rewarded by exact match)")
+    # Chosen on the demo's model: lr 3e-5 or 1e-4 raised the rollout reward but cost held-out exact
+    # match (57.5%, 49.0% from 58.5%); τ = 0.7 keeps the samples near the greedy answers scored.
+    ppo = run_demo_ppo(out / "sft" / "model", out / "ppo", SyntheticTasks(seed=recipe.data.seed),
+                       chat_template=DEMO_CHAT_TEMPLATE, seed=seed, questions=questions,
+                       iterations=max(2, min(40, steps // 35)), lr=1e-5, temperature=0.7)
     summary = {"pretrain": {"before": before, "after": after, "steps": result.step}, "sft": sft,
-               "align": align, "seconds": round(time.time() - start, 1)}
+               "align": align, "ppo": ppo, "seconds": round(time.time() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}/: model/ (Hugging Face format + tokenizer), sft/model/ (instruction-tuned), "
-          f"align/model (preference-tuned), "
+          f"align/model (preference-tuned), ppo/model (PPO), "
           f"metrics.jsonl, loss.png, tensorboard/, summary.json  [{summary['seconds']:.0f} s]")
     return summary

@@ -176,6 +176,7 @@ class RolloutSource:
         self.rollouts = 0
         self._queue: list[dict] = []
         self.last_rollout: Optional[dict] = None
+        self.history: list[dict] = []          # each rollout's stats (objective/*, val/*), this process only
 
     def __iter__(self):
         return self
@@ -257,6 +258,7 @@ class RolloutSource:
         self.kl.update(stats["objective/kl"], len(chosen))
         self.rollouts += 1
         self.last_rollout = {"prompts": prompts, "completions": texts, "scores": scores.tolist(), **stats}
+        self.history.append(stats)
         tensors = {"query": rollout.query, "query_mask": rollout.query_mask, "response": rollout.response,
                    "response_mask": mask, "has_eos": rollout.has_eos, "logps": logps, "values": values,
                    "advantages": advantages, "returns": returns}

@@ -13,6 +13,7 @@
              than this many tokens are an error (so are prompts that leave no room for max_new_tokens)
     peft:    optional LoRA block: the policy trains adapters and is its own reference (adapters off)
     track:   optional [toy_reviews]: log the toy task's true reward as objective/toy_reviews
+    train:   TrainConfig fields; max_steps is set from options (iterations × ppo_epochs × minibatches)
 
 Leaves in train.out_dir: model/ (the policy, merged when peft), metrics.jsonl, TensorBoard events,
 checkpoints/, samples.jsonl (the last rollout's prompts, completions and scores), summary.json.
