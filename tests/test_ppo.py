@@ -121,6 +121,20 @@ def test_first_rollout_kl_is_zero_and_first_ratio_is_one_even_with_dropout_and_a
     assert float(metrics["policy/approxkl_avg"]) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_under_bf16_the_rollout_runs_in_the_updates_precision(sft, tmp_path):
+    """precision=bf16: the rollout is scored under the same autocast as the update, so the first
+    minibatch's ratio is still exactly 1 and the first rollout's k1 KL exactly 0."""
+    tok, model = policy_from(sft)
+    trainer = PPOTrainer(model, tok, toy.prompts(64), toy.true_reward, train=train_config(tmp_path, precision="bf16"),
+                         config=PPOConfig(iterations=1, rollout_batch_size=16, minibatch_size=16, ppo_epochs=1,
+                                          max_new_tokens=24))
+    batch = next(trainer.source)
+    assert batch["stats"]["objective/kl"] == 0.0
+    with trainer.trainer.autocast():
+        _, metrics = trainer.objective.loss(trainer.model.train(), batch)
+    assert float(metrics["val/ratio"]) == 1.0
+
+
 # ---- learning on the toy task (seeded) -------------------------------------------------------------
 
 def test_ppo_raises_the_true_reward_and_logs_trl_metric_names(sft, tmp_path):

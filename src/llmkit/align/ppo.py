@@ -27,6 +27,7 @@ resume restarts at the next rollout: the minibatches left of an interrupted roll
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
@@ -177,6 +178,9 @@ class RolloutSource:
         self._queue: list[dict] = []
         self.last_rollout: Optional[dict] = None
         self.history: list[dict] = []          # each rollout's stats (objective/*, val/*), this process only
+        # the update's precision for the rollout too (PPOTrainer passes Trainer.autocast): old and new
+        # log-probs then come from the same kernels, so the first ratio stays exactly 1 under bf16
+        self.autocast = contextlib.nullcontext
 
     def __iter__(self):
         return self
@@ -220,6 +224,10 @@ class RolloutSource:
 
     @torch.no_grad()
     def make_rollout(self) -> list[dict]:
+        with self.autocast():
+            return self._make_rollout()
+
+    def _make_rollout(self) -> list[dict]:
         cfg, n = self.config, self.rollouts
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + n)
@@ -311,6 +319,7 @@ class PPOTrainer:
         loss = handle.wrap_loss(self.objective.loss) if handle is not None else self.objective.loss
         callbacks = list(callbacks) + (handle.callbacks() if handle is not None else [])
         self.trainer = Trainer(self.model, loss, self.source, config=self.train_config, callbacks=callbacks)
+        self.source.autocast = self.trainer.autocast
 
     def fit(self):
         return self.trainer.fit()
