@@ -252,7 +252,7 @@ def worker_llmkit(args) -> dict:
                        critic="shared", seed=0)
     train = TrainConfig(out_dir=str(work / "runs" / f"llmkit_{args.size}_{os.getpid()}"), lr=args.lr,
                         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, schedule="constant",
-                        warmup_steps=0, precision="fp32", log_every=10**6, save_every=0, keep_last=1,
+                        warmup_steps=0, precision=args.precision, log_every=10**6, save_every=0, keep_last=1,
                         progress=False, tensorboard=False, plot=False, device="cpu", seed=0)
     trainer = PPOTrainer(policy, tok, bench_prompts(), rm, config=config, train=train, callbacks=[StepEnds()])
     source, real_make = trainer.source, trainer.source.make_rollout
@@ -301,7 +301,7 @@ def worker_trl(args) -> dict:
         num_iterations=1, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         beta=args.beta, epsilon=0.2, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-        optim="adamw_torch", bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        optim="adamw_torch", bf16=args.precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=True,
         disable_dropout=True, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
         log_completions=False, dataloader_num_workers=0, seed=0)
     trainer = RLOOTrainer(model=model, reward_funcs=rm_score, args=config,
@@ -351,7 +351,7 @@ def run_worker(side: str, size, work: Path, args, stop_ids) -> dict:
            "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
            "--lr", repr(args.lr), "--beta", repr(args.beta), "--threads", str(args.threads),
-           "--stop-ids", json.dumps(stop_ids)]
+           "--stop-ids", json.dumps(stop_ids), "--precision", args.precision]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     started, busy, ours = time.perf_counter(), busy_seconds(), children_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -411,7 +411,8 @@ def report(results: dict, facts: dict, args, sizes, order, loads, wall_s) -> str
              f"- update: one AdamW step per iteration on all {args.batch} completions (llmkit ppo_epochs 1, "
              f"minibatch_size {args.batch}; TRL num_iterations 1, steps_per_generation 1), lr {args.lr:g} constant, "
              f"betas (0.9, 0.999), weight decay 0, clip 1.0; KL coefficient {args.beta:g} (k1) against a frozen "
-             "reference copy on both sides; fp32; TRL gradient_checkpointing off and bf16 off (its defaults are on)",
+             f"reference copy on both sides; {args.precision} (llmkit `train.precision`, which the rollout runs "
+             "under too; TRL `bf16`); TRL gradient_checkpointing off (its default is on)",
              f"- method: each side in its own fresh process, order {' '.join('A' if s == 'llmkit' else 'B' for s in order)}"
              f" (A llmkit, B TRL) per size; the first {args.warmup} iteration(s) of each process dropped, then "
              f"{args.iterations} timed, "
@@ -456,7 +457,7 @@ def report(results: dict, facts: dict, args, sizes, order, loads, wall_s) -> str
               "## What is and is not the same", "",
               "- Same: weights, tokenizer, prompt pool and prompt length, completions per iteration, stop tokens, "
               "maximum completion length, temperature, reward model and its scores, frozen reference, KL "
-              "coefficient, optimizer and its settings, one optimizer step per rollout, fp32, threads.",
+              f"coefficient, optimizer and its settings, one optimizer step per rollout, {args.precision}, threads.",
               "- The algorithm: llmkit runs PPO (Ziegler et al.; a value head on the policy's own trunk, per-token "
               "KL in the reward, GAE, whitened advantages, clipped policy + value loss); TRL 1.16 has no "
               "PPOTrainer, so its peer is RLOO (no critic; a leave-one-out baseline over the "
@@ -499,6 +500,8 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--rm-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both sides: llmkit train.precision, TRL bf16=True (results/ppo_bf16.md)")
     parser.add_argument("--max-other", type=float, default=0.3,
                         help="flag a size as contended when other processes used more cores than this meanwhile")
     parser.add_argument("--out", default=None, help=f"results file (default results/ppo.md; --quick: {QUICK_OUT})")
@@ -548,7 +551,8 @@ def main() -> None:
             results[tag(size)] = {side: side_summary(rs) for side, rs in runs.items()}
         loads.append(os.getloadavg()[0])
         text = report(results, facts, args, sizes, order, loads, time.perf_counter() - started)
-        out = Path(args.out) if args.out else (QUICK_OUT if args.quick else RESULTS / "ppo.md")
+        default = RESULTS / ("ppo.md" if args.precision == "fp32" else f"ppo_{args.precision}.md")
+        out = Path(args.out) if args.out else (QUICK_OUT if args.quick else default)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     print(text)
