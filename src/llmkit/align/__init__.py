@@ -1,4 +1,5 @@
-"""Preference alignment: reward models, DPO (with cDPO and hinge), IPO, KTO and ORPO.
+"""Alignment: reward models, DPO (with cDPO and hinge), IPO, KTO and ORPO offline; PPO-RLHF, RLAIF and
+Constitutional AI online.
 
     from llmkit.align import DPOObjective, frozen_copy, tokenize_rows, normalize_rows, PreferenceBatches
     examples = tokenize_rows(normalize_rows(rows), tokenizer, max_length=256)
@@ -13,7 +14,10 @@ functions (KL estimators, reward placement, GAE, whitening, clipped losses, KL c
 judge.py: an AI judge's P(A ≻ B), averaged over both orders (RLAIF); score_judge.py: an AI judge's
 1-10 score mapped to [-1, 1], a text reward for PPO (d-RLAIF); constitution.py + constitution.yaml:
 the principles of Constitutional AI; cai.py: SL-CAI (critique, revise, SFT on the revisions) and
-RL-CAI (soft harmlessness labels from an ensemble of principle judges).
+RL-CAI (soft harmlessness labels from an ensemble of principle judges). Online RL: rollout.py
+(sampling, masks, log-probs at the sampling temperature), rewards.py (reward model or text reward),
+ppo.py (PPOTrainer on the Trainer), ppo_recipe.py / cai_recipe.py (`llmkit align method=ppo | cai`),
+toy_reviews.py (a task with a known true reward), demo_ppo.py (the demo's PPO stage).
 """
 from .constitution import Constitution, ConstitutionError, Principle, load_constitution
 from .data import (PreferenceBatches, collate_pairs, collate_unpaired, first_human_turn, normalize_row,
