@@ -109,7 +109,7 @@ def reward_model_for(tok, size=RM_SIZE):
 def load_reward_model(work: Path, tok):
     import torch
     rm = reward_model_for(tok)
-    rm.load_state_dict(torch.load(work / "rm.pt", map_location="cpu"))
+    rm.load_state_dict(torch.load(work / "rm.pt", map_location="cpu", weights_only=True))
     return rm.eval().requires_grad_(False)
 
 

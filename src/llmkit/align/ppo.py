@@ -38,10 +38,10 @@ from torch import nn
 from ..model.heads import ValueHead
 from ..model.modes import evaluating
 from ..train import TrainConfig, Trainer
-from .objectives import frozen_copy
+from .objectives import frozen_copy, reward_model_from
 from .ppo_math import AdaptiveKL, FixedKL, gae, kl_per_token, policy_loss, token_rewards, value_loss, whiten
 from .rewards import as_reward, missing_eos_penalty
-from .rollout import Rollout, encode_prompts, stop_token_ids, entropy, policy_logits, response_logps, sample_rollout
+from .rollout import Rollout, completion_texts, encode_prompts, stop_token_ids, entropy, policy_logits, response_logps, sample_rollout
 
 CRITICS = ("shared", "separate")
 
@@ -199,19 +199,18 @@ class RolloutSource:
     def _indices(self, n: int) -> list[int]:
         """Prompts of rollout n: consecutive slices of per-epoch seeded permutations."""
         B, N = self.config.rollout_batch_size, len(self.prompt_ids)
+        orders: dict[int, list[int]] = {}            # one permutation per epoch touched, not one per prompt
         out = []
         for k in range(n * B, (n + 1) * B):
             epoch, at = divmod(k, N)
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            out.append(int(order[at]))
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(N, generator=torch.Generator().manual_seed(
+                    self.config.seed * 7919 + epoch)).tolist()
+            out.append(orders[epoch][at])
         return out
 
     def completions(self, rollout: Rollout) -> list[str]:
-        texts = []
-        for row, mask in zip(rollout.response.tolist(), rollout.response_mask.tolist()):
-            kept = [t for t, m in zip(row, mask) if m and t not in self.stop_ids]
-            texts.append(self.tokenizer.decode(kept))
-        return texts
+        return completion_texts(rollout, self.tokenizer, self.stop_ids)
 
     def _reference_logps(self, rollout: Rollout) -> torch.Tensor:
         ref, T = self.reference, self.config.temperature
@@ -304,7 +303,7 @@ class PPOTrainer:
                                     max_new_tokens=config.max_new_tokens, prefix_ids=prefix_ids)
         self.reward = as_reward(reward, policy_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer)
         if config.critic == "separate" and critic is None:
-            critic = copy.deepcopy(reward) if isinstance(reward, nn.Module) else _critic_from(policy)
+            critic = copy.deepcopy(reward) if isinstance(reward, nn.Module) else reward_model_from(copy.deepcopy(policy))
         self.model = PolicyAndValue(policy, critic if config.critic == "separate" else None)
         if reference is None and handle is None:
             reference = frozen_copy(policy)
@@ -323,12 +322,3 @@ class PPOTrainer:
 
     def fit(self):
         return self.trainer.fit()
-
-
-def _critic_from(policy: nn.Module) -> nn.Module:
-    """A separate critic: a copy of the policy's trunk with a fresh scalar head (ValueModel)."""
-    from ..model.models import ValueModel
-    critic = ValueModel(policy.config)
-    critic.transformer = copy.deepcopy(policy.transformer)
-    return critic
-

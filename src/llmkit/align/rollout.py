@@ -115,6 +115,12 @@ def sample_rollout(policy, prompt_ids: Sequence[Sequence[int]], *, max_new_token
     return Rollout(query, query_mask, response, mask, has_eos)
 
 
+def completion_texts(rollout: Rollout, tokenizer, stop_ids: Sequence[int]) -> list[str]:
+    """Each completion's text: its real tokens without the stop token."""
+    return [tokenizer.decode([t for t, m in zip(row, mask) if m and t not in stop_ids])
+            for row, mask in zip(rollout.response.tolist(), rollout.response_mask.tolist())]
+
+
 def response_logps(logits: torch.Tensor, rollout: Rollout, temperature: float) -> torch.Tensor:
     """logits (B, Tr, V) of the predicting positions -> log π(y_t) (B, Tr) at `temperature` (fp32);
     padding positions get 0."""
@@ -160,7 +166,6 @@ def sample_kl_and_reward(policy, reference, tokenizer, prompts: Sequence[str], r
             logps = response_logps(policy_logits(policy, rollout)[0], rollout, temperature)         # (B, Tr)
             ref = response_logps(policy_logits(reference, rollout)[0], rollout, temperature)        # (B, Tr)
         kls += (logps - ref).sum(1).tolist()
-        texts = [tokenizer.decode([t for t, m in zip(row, mask) if m and t not in stops])
-                 for row, mask in zip(rollout.response.tolist(), rollout.response_mask.tolist())]
+        texts = completion_texts(rollout, tokenizer, stops)
         rewards += [float(r) for r in reward_fn(prompts[start:start + batch_size], texts)]
     return {"reward": sum(rewards) / len(rewards), "kl": sum(kls) / len(kls), "n": len(rewards)}
