@@ -1,8 +1,11 @@
-"""Inference engine (issue 16, in progress): so far the paged KV cache's block pool with prefix
-caching (`blocks.py`) and the paged storage it indexes (`paged.py`). The Engine (continuous batching over these blocks), speculative decoding,
-multi-LoRA serving and tensor parallelism are still to come; `llmkit.generation.generate` is the
-decoding path until then."""
+"""The inference engine (issue 16): continuous batching (`scheduler.py`) over a paged KV cache
+(`blocks.py` block tables, reference counts and prefix caching; `paged.py` block storage;
+`batch.py` attention through the block tables), per-request sampling (`params.py`, `sampler.py`),
+all driven by `engine.Engine`. `llmkit.generation.generate` stays beside it for one padded batch."""
 from .blocks import Allocation, Block, BlockPool, KVBudgetError, block_hash
+from .engine import CompletionOutput, Engine, RequestOutput
 from .paged import PagedKV
+from .params import SamplingParams
 
-__all__ = ["Allocation", "Block", "BlockPool", "KVBudgetError", "block_hash", "PagedKV"]
+__all__ = ["Allocation", "Block", "BlockPool", "KVBudgetError", "block_hash", "PagedKV", "Engine",
+           "SamplingParams", "RequestOutput", "CompletionOutput"]

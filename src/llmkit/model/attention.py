@@ -16,6 +16,10 @@ Extension point for PEFT: `kv_prefix` (None by default) is a module called as
 keys and values of every forward pass and are always visible (prefix tuning, P-tuning v2, APT).
 They are never written into the KV cache. A PEFT prefix (an AdapterSlot) acts as P past tokens:
 the stack starts the real tokens' positions at P (transformer.py), as HF peft's past_key_values do.
+
+A cache with `paged = True` (the inference engine's `infer.batch.PagedBatch`) takes the new queries,
+keys and values whole through `cache.attend(layer, q, k, v)`: it owns the per-sequence masks, so
+the flattened (1, N) batch of many sequences never meets `mask` / `is_causal` here.
 """
 from __future__ import annotations
 
@@ -77,6 +81,14 @@ class Attention(nn.Module):
             v = self._heads(self.v_proj(x), self.n_kv_heads)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if getattr(cache, "paged", False):
+                # The engine's paged cache (infer/batch.py): it writes k, v through the block tables
+                # and runs attention per sequence over its own context.
+                if self.kv_prefix is not None:
+                    raise ValueError("the paged engine does not run prefix-tuning adapters (kv_prefix); "
+                                     "use llmkit.generate for this model")
+                out = cache.attend(layer, q, k, v)                                  # (1, nh, N, hd)
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
             if cache is not None:
                 k, v = cache.update(layer, k, v)                                    # (B, nkv, Tk, hd)
 

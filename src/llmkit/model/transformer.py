@@ -120,7 +120,11 @@ class Transformer(nn.Module):
                              "document would need its own copy; set data.packing: false")
         B, T, _ = inputs_embeds.shape                  # T counts the prompt's p positions
         shift = max((virtual_length(block.self_attn.kv_prefix) for block in self.layers), default=0)
-        if shift + past + T > self.config.max_seq_len and self.config.positional in ("learned", "sinusoidal"):
+        paged = getattr(cache, "paged", False)          # the engine: (1, N) tokens of many sequences
+        if paged and (prompt_len or shift or position_ids is None):
+            raise ValueError("a paged cache needs explicit position_ids and no prompt / prefix adapters")
+        if (not paged and shift + past + T > self.config.max_seq_len
+                and self.config.positional in ("learned", "sinusoidal")):
             raise ValueError(f"sequence length {shift + past + T} (with {shift} prefix positions) exceeds "
                              f"max_seq_len={self.config.max_seq_len}")
         if position_ids is None:
@@ -141,11 +145,13 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         x = self.embed_dropout(x)
 
-        mask, is_causal = build_attention_mask(
-            batch_size=B, q_len=T, past_len=past, attention_mask=attention_mask, causal=self.causal,
-            sliding_window=self.sliding_window,
-            alibi_heads=self.config.n_heads if self.config.positional == "alibi" else 0,
-            dtype=x.dtype, device=x.device, doc_ids=doc_ids)
+        mask, is_causal = None, False                  # paged: the cache masks per sequence (infer/batch.py)
+        if not paged:
+            mask, is_causal = build_attention_mask(
+                batch_size=B, q_len=T, past_len=past, attention_mask=attention_mask, causal=self.causal,
+                sliding_window=self.sliding_window,
+                alibi_heads=self.config.n_heads if self.config.positional == "alibi" else 0,
+                dtype=x.dtype, device=x.device, doc_ids=doc_ids)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         memory_mask = padding_mask(memory_attention_mask, x.dtype) if memory is not None else None
         for i, block in enumerate(self.layers):
