@@ -16,8 +16,9 @@ Speculative Sampling", Algorithm 2):
     n = the number of leading accepted drafts (stop at the first rejection)
     n < γ:  next ~ norm(max(0, p_n − q_n))          (the residual; if it sums to 0, next ~ p_n)
     n = γ:  next ~ p_γ                              (the bonus token)
-Every emitted token is then distributed exactly as the target's p (Leviathan et al., Theorem 3.5):
-    P(t) = q(t)·min(1, p(t)/q(t)) + (1 − Σ_t' min(p(t'), q(t'))) · max(0, p(t) − q(t)) / Σ_t' max(0, p(t') − q(t'))
+Every emitted token is then distributed exactly as the target's p (both papers prove it): with
+β = Σ_t min(p(t), q(t)) the acceptance probability, and Σ_t max(0, p(t) − q(t)) = 1 − β,
+    P(t) = q(t)·min(1, p(t)/q(t)) + (1 − β) · max(0, p(t) − q(t)) / (1 − β)
          = min(p(t), q(t)) + max(0, p(t) − q(t)) = p(t).
 p and q must be the distributions actually sampled from (after temperature, top-k, top-p): the
 output then follows the processed target distribution. A deterministic proposer (n-gram lookup, a
@@ -82,7 +83,7 @@ def accept_draft_batched(target_probs: torch.Tensor, draft_probs: torch.Tensor, 
     p_x = p[:, :gamma].gather(-1, x.unsqueeze(-1)).squeeze(-1)                      # (B, γ)  p_i(x_i)
     q_x = q.gather(-1, x.unsqueeze(-1)).squeeze(-1)                                 # (B, γ)  q_i(x_i)
     u = torch.rand((B, gamma), generator=generator, device=rng_device).to(device)   # (B, γ)
-    accepted = u * q_x < p_x                                                         # (B, γ)  u < min(1, p/q); never when p = 0
+    accepted = u * q_x < p_x                                  # (B, γ)  u < min(1, p/q); never when p = 0
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)                      # (B,)  leading run of acceptances
 
     # The residual at position n; a zero row of q at the bonus position makes it p_γ there.
@@ -92,7 +93,7 @@ def accept_draft_batched(target_probs: torch.Tensor, draft_probs: torch.Tensor, 
     q_n = q_pad.gather(1, idx).squeeze(1)                                            # (B, V)
     residual = (p_n - q_n).clamp_min(0.0)                                           # (B, V)  max(0, p_n − q_n)
     empty = residual.sum(dim=-1, keepdim=True) <= 0                                 # (B, 1)  p_n ≤ q_n everywhere
-    dist = torch.where(empty, p_n, residual)                                        # (B, V)  unnormalised: multinomial normalises
+    dist = torch.where(empty, p_n, residual)                  # (B, V)  unnormalised; multinomial normalises
     next_tokens = torch.multinomial(dist.to(rng_device), 1, generator=generator).squeeze(1).to(device)  # (B,)
     return num_accepted, next_tokens
 
