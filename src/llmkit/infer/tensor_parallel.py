@@ -150,7 +150,8 @@ def _device_type(model: nn.Module) -> str:
 def _mesh(mesh_or_group: MeshOrGroup, device_type: str) -> DeviceMesh:
     if isinstance(mesh_or_group, DeviceMesh):
         if mesh_or_group.ndim != 1:
-            raise ValueError(f"shard_model: mesh_or_group has {mesh_or_group.ndim} dimensions: expected a 1-D DeviceMesh")
+            raise ValueError(f"shard_model: mesh_or_group has {mesh_or_group.ndim} dimensions: "
+                             "expected a 1-D DeviceMesh")
         return mesh_or_group
     if mesh_or_group is not None:
         return DeviceMesh.from_group(mesh_or_group, device_type)
