@@ -128,7 +128,7 @@ class LoraBank:
                 slots = [site.adapters[n] if isinstance(site, AdaptedLayer) and n in site.adapters else None
                          for n in self.names]
                 if any(m is not None for m in slots):
-                    site.adapters[ROUTER] = _RowRouter(slots, routing, site.is_embedding)
+                    site.adapters[ROUTER] = _RowRouter(slots, routing, site)
                     routed.append(site)
                     site.active = [ROUTER]
                 else:
@@ -172,27 +172,27 @@ class _RowRouter(nn.Module):
     Gather / scatter per adapter present (Punica's SGMV idea, S-LoRA's per-adapter batches):
     x_a = x[rows_a] (n_a, in), z = x_a A_a^T (n_a, r), out[rows_a] += s_a z B_a^T. Each token pays
     only its own rank-r term, and the cost does not grow with the number of adapters in the bank.
-    On CPU this beat the alternatives measured (1 thread, r = 8, 3-4 adapters; d=1024: N=8
-    63 µs vs 47 masked, 145 BGMV; N=64 102 vs 215 masked, 978 BGMV; N=256 459 vs 874, 3759):
-    a per-token weight gather + bmm (Punica's BGMV) copies an (r, in) matrix per token, and
-    running every adapter over all tokens under a mask (or one gemm over the concatenated A's)
-    costs n_adapters times the FLOPs; they only tie at d=64, N=8 where overheads dominate.
-    When every token has the same adapter the whole batch goes through one addmm, no gather.
+    Chosen on CPU by measurement (1 thread, r = 8, 3-4 adapters, d = 1024; µs per layer):
+    N=8: 63 gather vs 47 masked vs 145 BGMV; N=64: 102 vs 215 vs 978; N=256: 459 vs 874 vs 3759.
+    "Masked" runs every adapter over all tokens and zeroes the others' rank-r rows (or one gemm
+    over the concatenated A's): n_adapters times the FLOPs, so it wins only at a handful of tokens.
+    BGMV (Punica's per-token weight gather + bmm) copies an (r, in) matrix per token, which on a CPU
+    costs more than the matmul it feeds. When every token has the same adapter the whole batch
+    goes through one in-place addmm, no gather.
     No dropout: this is the serving path."""
 
-    def __init__(self, slots: list[Optional[nn.Module]], routing: _Routing, is_embedding: bool):
+    def __init__(self, slots: list[Optional[nn.Module]], routing: _Routing, layer: AdaptedLayer):
         super().__init__()
-        self.slots, self.routing, self.is_embedding = slots, routing, is_embedding   # slots: not submodules
+        self.slots, self.routing, self.is_embedding = slots, routing, layer.is_embedding   # slots: not submodules
+        self.width = layer.base_layer.weight.shape[1] if self.is_embedding else layer.out_features
         ref = next(p for m in slots if m is not None for p in [*m.parameters(), *m.buffers()])
         # AdaptedLayer takes its fused `add_to` path when this matches x's dtype (else casts x to it)
         self.anchor = nn.Parameter(torch.empty(0, dtype=ref.dtype, device=ref.device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The term alone (a float32 bank over a half-precision model, or an embedding's ids)."""
-        slot = next(m for m in self.slots if m is not None)
-        width = _factors(slot)[0].shape[0]
         grid = x.shape if self.is_embedding else x.shape[:-1]
-        return self.add_to(torch.zeros(*grid, width, dtype=self.anchor.dtype, device=x.device), x)
+        return self.add_to(torch.zeros(*grid, self.width, dtype=self.anchor.dtype, device=x.device), x)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n_out = out.shape[-1]
@@ -209,7 +209,7 @@ class _RowRouter(nn.Module):
                 z = F.embedding(xs, A.t())                                               # (n_a, r)
             else:
                 z = F.linear(xs, A.to(xs.dtype))                                         # (n_a, r)
-            B = B.to(z.dtype)
+            z, B = z.to(flat_out.dtype), B.to(flat_out.dtype)      # no-ops unless bank dtypes differ
             if rows is None:
                 flat_out.addmm_(z, B.t(), alpha=scale)
             else:
