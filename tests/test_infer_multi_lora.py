@@ -36,12 +36,12 @@ def _perturb(handle, seed: int) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The base, three trained models (each its saving reference) and their adapter folders:
-    "a" LoRA r=4 on q/v (llmkit format), "b" LoRA r=2 on q/o/up + the embedding (HF PEFT format),
+    "a" LoRA r=4 on q/v (llmkit format), "b" LoRA r=2 on q/o/up, the embedding and the lm_head (HF PEFT format),
     "c" AdaLoRA r=3 on v/down (llmkit format: served through its factors(), Λ folded into B)."""
     root = tmp_path_factory.mktemp("multi_lora")
     base = _base()
     specs = {"a": ("lora", dict(r=4, alpha=8, targets=["q_proj", "v_proj"]), "llmkit"),
-             "b": ("lora", dict(r=2, alpha=4, targets=["q_proj", "o_proj", "up_proj", "embed_tokens"]), "peft"),
+             "b": ("lora", dict(r=2, alpha=4, targets=["q_proj", "o_proj", "up_proj", "embed_tokens", "lm_head"]), "peft"),
              "c": ("adalora", dict(r=3, alpha=3, targets=["v_proj", "down_proj"]), "llmkit")}
     refs, dirs = {}, {}
     for seed, (name, (method, options, fmt)) in enumerate(specs.items(), start=1):
@@ -73,9 +73,14 @@ def test_rows_of_one_batch_match_each_adapter_alone(setup):
     with torch_threads(1), torch.no_grad():
         with bank.rows(bank.indices(names).view(4, 1)):
             logits = model(ids).logits                                         # (4, 12, V)
+        mask = torch.zeros(4, 12, dtype=torch.bool)
+        mask[:, -1] = mask[1:3, 4] = True                  # the engine's sampled rows: (K=6, V) logits
+        with bank.rows(bank.indices(names).view(4, 1), logits_index=mask):
+            picked = model(ids, logits_index=mask).logits                      # the adapted lm_head sees (K, d)
         expected = [base(row).logits if n is None else refs[n](row).logits for n in names]
     for i, (name, want) in enumerate(zip(names, expected)):
         torch.testing.assert_close(logits[i:i + 1], want, atol=ATOL, rtol=0, msg=f"row {i} ({name})")
+    torch.testing.assert_close(picked, logits[mask], atol=ATOL, rtol=0)
     for i in range(4):                          # a bank that ignored the index would make rows equal
         for j in range(i + 1, 4):
             assert (logits[i] - logits[j]).abs().max() > 1e-2, (names[i], names[j])

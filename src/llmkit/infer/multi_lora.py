@@ -26,7 +26,9 @@ scalings, selective deltas, trained heads (modules_to_save) and adapters that ov
 layers are refused with an error naming the adapter and its method. Outside `rows()` the model is
 an ordinary PEFT model (`bank.handle.set_active(...)`, `disable()`, training): the bank adds its
 adapters to the model's handle and leaves the active set as it found it (none on a fresh model).
-The lm_head, if an adapter targets it, must see the same token grid (no `logits_index`).
+An adapter on the lm_head also works under `model(..., logits_index=mask)` (the engine's way:
+the head sees only the sampled rows) when `rows(adapter_index, logits_index=mask)` is given the
+same bool mask.
 """
 from __future__ import annotations
 
@@ -104,10 +106,12 @@ class LoraBank:
         return torch.tensor([self.index(n) for n in names], dtype=torch.long)
 
     @contextmanager
-    def rows(self, adapter_index) -> Iterator[nn.Module]:
+    def rows(self, adapter_index, logits_index: Optional[torch.Tensor] = None) -> Iterator[nn.Module]:
         """Run the model with each token's own adapter: `adapter_index` (LongTensor, broadcastable
-        to the (B, T) token grid; -1 = base only). Every other adapter of the handle (and any slot or
-        trained head) is off for the duration; the previous state comes back on exit."""
+        to the (B, T) token grid; -1 = base only). `logits_index`: the bool (B, T) mask passed to the
+        model as its `logits_index`, needed only when an adapter sits on the lm_head. Every other
+        adapter of the handle (and any slot or trained head) is off for the duration; the previous
+        state comes back on exit."""
         index = torch.as_tensor(adapter_index)
         if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
             raise PeftError(f"adapter_index: expected an integer tensor, found dtype {index.dtype}")
@@ -120,7 +124,9 @@ class LoraBank:
             raise PeftError("bank.rows: unmerge() first (merged adapters are baked into the shared weights)")
         if any(isinstance(s, AdaptedLayer) and ROUTER in s.adapters for s in sites):
             raise PeftError("bank.rows: already inside a rows() context of this model (they do not nest)")
-        routing = _Routing(index)
+        if logits_index is not None and torch.as_tensor(logits_index).dtype != torch.bool:
+            raise PeftError("bank.rows: logits_index must be the bool (B, T) mask the model is given")
+        routing = _Routing(index, logits_index)
         saved = [(s, list(s.active)) for s in sites]
         routed: list[AdaptedLayer] = []
         try:
@@ -143,27 +149,41 @@ class LoraBank:
 
 class _Routing:
     """The adapter index of one rows() context and, per token-grid shape, its groups: (slot, flat
-    token positions) for each adapter present (positions None when every token has that one)."""
+    token positions) for each adapter present (positions None when every token has that one).
+    Layers of the stack see a 2-D (B, T) grid; a 1-D (K,) grid is the lm_head under a bool
+    `logits_index` with K rows set, whose tokens are index[mask]."""
 
-    def __init__(self, index: torch.Tensor):
-        self.index = index
+    def __init__(self, index: torch.Tensor, logits_index: Optional[torch.Tensor] = None):
+        self.index, self.logits_index = index, logits_index
         self.cache: dict[tuple[int, ...], list[tuple[int, Optional[torch.Tensor]]]] = {}
 
     def groups(self, grid: torch.Size, device: torch.device) -> list[tuple[int, Optional[torch.Tensor]]]:
         key = tuple(grid)
         if key not in self.cache:
-            try:
-                flat = torch.broadcast_to(self.index.to(device), key).reshape(-1)          # (N,)
-            except RuntimeError:
-                raise PeftError(f"adapter_index of shape {list(self.index.shape)} does not broadcast to the "
-                                f"token grid {list(key)} an adapted layer sees (pass (B, 1), (1, N) or (B, T); "
-                                "an adapted lm_head needs logits for every token)") from None
+            flat = self._head(key, device)
+            if flat is None:
+                try:
+                    flat = torch.broadcast_to(self.index.to(device), key).reshape(-1)      # (N,)
+                except RuntimeError:
+                    raise PeftError(f"adapter_index of shape {list(self.index.shape)} does not broadcast to "
+                                    f"the token grid {list(key)} an adapted layer sees (pass (B, 1), (1, N) or "
+                                    "(B, T); for an adapted lm_head under logits_index, pass the same mask to "
+                                    "rows(..., logits_index=))") from None
             present = [s for s in torch.unique(flat).tolist() if s >= 0]
             if len(present) == 1 and bool((flat == present[0]).all()):
                 self.cache[key] = [(present[0], None)]       # one adapter for all: no gather
             else:
                 self.cache[key] = [(s, (flat == s).nonzero().squeeze(1)) for s in present]
         return self.cache[key]
+
+    def _head(self, key: tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
+        """index[mask] (K,) for the lm_head's (K,) grid under a logits_index mask, else None."""
+        if self.logits_index is None or len(key) != 1:
+            return None
+        mask = torch.as_tensor(self.logits_index, device=device)
+        if int(mask.sum()) != key[0]:
+            return None
+        return torch.broadcast_to(self.index.to(device), mask.shape)[mask]
 
 
 class _RowRouter(nn.Module):
