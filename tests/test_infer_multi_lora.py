@@ -41,7 +41,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi_lora")
     base = _base()
     specs = {"a": ("lora", dict(r=4, alpha=8, targets=["q_proj", "v_proj"]), "llmkit"),
-             "b": ("lora", dict(r=2, alpha=4, targets=["q_proj", "o_proj", "up_proj", "embed_tokens", "lm_head"]), "peft"),
+             "b": ("lora", dict(r=2, alpha=4, targets=["q_proj", "o_proj", "up_proj", "embed_tokens", "lm_head"]),
+                   "peft"),
              "c": ("adalora", dict(r=3, alpha=3, targets=["v_proj", "down_proj"]), "llmkit")}
     refs, dirs = {}, {}
     for seed, (name, (method, options, fmt)) in enumerate(specs.items(), start=1):
