@@ -31,6 +31,7 @@ The interface:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from .blocks import BlockPool, KVBudgetError
 from .params import ParamsArg, SamplingParams
 from .paged import PagedKV
 from .sampler import sample
+from .speculate import build_proposer, verify
 from .scheduler import Scheduler, Sequence
 
 
@@ -84,10 +86,14 @@ class _Request:
 class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, prefix_caching: bool = True,
-                 tokenizer=None, seed: int = 0, max_model_len: Optional[int] = None):
+                 tokenizer=None, seed: int = 0, max_model_len: Optional[int] = None,
+                 speculative: Union[None, str, torch.nn.Module] = None, num_speculative_tokens: int = 4):
         """model: an llmkit decoder (CausalLM) - built, trained here or loaded with `load_hf`.
         num_blocks: KV blocks of `block_size` tokens; by default enough for max_num_seqs sequences of
-        max_model_len tokens, capped at 16,384 tokens in all (preemption handles the rest)."""
+        max_model_len tokens, capped at 16,384 tokens in all (preemption handles the rest).
+        speculative: a draft model (same vocabulary), or "ngram" for prompt lookup; each decoding
+        sequence then gets up to `num_speculative_tokens` draft tokens verified per step
+        (speculate.py). Output is unchanged in distribution (greedy: token for token)."""
         config = getattr(model, "config", None)
         if config is None or getattr(model, "transformer", None) is None or config.is_encoder_decoder \
                 or not config.causal or not hasattr(model, "lm_head"):
@@ -121,9 +127,9 @@ class Engine:
         eos = config.eos_token_id
         self.eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                      "forward_s": 0.0}
-        self._sliding = stack.sliding_window
-        self._alibi = config.n_heads if config.positional == "alibi" else 0
+                      "forward_s": 0.0, "spec_proposed": 0, "spec_accepted": 0}
+        self.num_speculative_tokens = num_speculative_tokens
+        self.proposer = build_proposer(speculative, self, num_speculative_tokens)
 
     # ---- requests --------------------------------------------------------------------------------
     @property
@@ -220,23 +226,42 @@ class Engine:
         return RequestOutput(request_id, list(req.prompt), outs, req.finished, req.seqs[0].num_cached)
 
     # ---- one step --------------------------------------------------------------------------------
-    def _forward(self, scheduled) -> torch.Tensor:
-        """One forward over every scheduled token; logits (S, V) at the sampling rows' last tokens."""
-        ids, positions, sample_at = [], [], []
-        for item in scheduled:
-            seq, n = item.seq, item.num_new
-            ids += seq.tokens[seq.num_computed:seq.num_computed + n]
-            positions += range(seq.num_computed, seq.num_computed + n)
-            sample_at += [False] * (n - 1) + [item.samples]
+    def _run(self, model, kv: PagedKV, rows) -> torch.Tensor:
+        """One forward of `model` over rows (seq, start, tokens, sample flags) flattened to (1, N),
+        through `kv`'s blocks at the sequences' block tables; logits (S, V) where a flag is set."""
+        ids, positions, flags = [], [], []
+        for seq, start, tokens, sample_at in rows:
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            flags += sample_at
         dev = self.device
-        batch = PagedBatch(self.kv, [self.pool.requests[i.seq.seq_id].table for i in scheduled],
-                           [i.seq.num_computed for i in scheduled], [i.num_new for i in scheduled],
-                           sliding_window=self._sliding, alibi_heads=self._alibi, device=dev)
+        batch = PagedBatch(kv, [self.pool.requests[row[0].seq_id].table for row in rows],
+                           [row[1] for row in rows], [len(row[2]) for row in rows],
+                           sliding_window=model.transformer.sliding_window,
+                           alibi_heads=model.config.n_heads if model.config.positional == "alibi" else 0, device=dev)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)              # (1, N)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)     # (1, N)
-        index = torch.tensor([sample_at], dtype=torch.bool, device=dev)            # (1, N)
-        out = self.model(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
+        index = torch.tensor([flags], dtype=torch.bool, device=dev)                # (1, N)
+        with self.lora_rows(rows):
+            out = model(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
         return out.logits                                                          # (S, V)
+
+    def lora_rows(self, rows):
+        """The multi-LoRA context for a flat batch (a no-op without adapters)."""
+        return contextlib.nullcontext()
+
+    def _gammas(self, scheduled) -> dict[int, int]:
+        """Draft lengths for the decoding sequences that can speculate this step (slots reserved)."""
+        gammas = {}
+        for item in scheduled:
+            seq, p = item.seq, item.seq.params
+            if not (item.samples and item.num_new == 1) or p.penalised or p.logprobs is not None:
+                continue
+            g = min(self.num_speculative_tokens, p.max_tokens - len(seq.output) - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+            if g > 0 and self.scheduler._reserve(seq, seq.num_computed + 1 + g):
+                gammas[seq.seq_id] = g
+        return gammas
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
@@ -244,21 +269,53 @@ class Engine:
             return []
         start = time.perf_counter()
         with torch.inference_mode(), evaluating(self.model):
-            logits = self._forward(scheduled)
+            proposals = {}
+            if self.proposer is not None:
+                proposals = self.proposer.propose(self, scheduled, self._gammas(scheduled))
+            rows = []
+            for item in scheduled:
+                seq, n = item.seq, item.num_new
+                draft = proposals.get(seq.seq_id, ([], None))[0]
+                rows.append((seq, seq.num_computed, seq.tokens[seq.num_computed:seq.num_computed + n] + draft,
+                             [False] * (n - 1) + [item.samples] + [True] * len(draft)))
+            logits = self._run(self.model, self.kv, rows)                           # (S, V)
         self.stats["forward_s"] += time.perf_counter() - start
         self.stats["steps"] += 1
+        plain, plain_logits, emitted, at = [], [], {}, 0
         for item in scheduled:
             seq = item.seq
             if seq.num_computed < len(seq.prompt):
                 self.stats["prompt_tokens"] += min(item.num_new, len(seq.prompt) - seq.num_computed)
             seq.num_computed += item.num_new
-            self.pool.commit(seq.seq_id, seq.tokens[:seq.num_computed])
-        sampled = [i.seq for i in scheduled if i.samples]
-        tokens, entries = sample(logits, sampled)
+            if not item.samples:
+                continue
+            draft, q = proposals.get(seq.seq_id, ([], None))
+            if draft:
+                n_acc, nxt = verify(logits[at:at + len(draft) + 1], draft, q, seq)
+                seq.num_computed += n_acc                       # the accepted drafts' KV is written
+                emitted[seq.seq_id] = draft[:n_acc] + [nxt]
+                self.stats["spec_proposed"] += len(draft)
+                self.stats["spec_accepted"] += n_acc
+            else:
+                plain.append(seq)
+                plain_logits.append(logits[at:at + 1])
+            at += len(draft) + 1
+        if plain:
+            tokens, entries = sample(torch.cat(plain_logits), plain)
+            for seq, token, entry in zip(plain, tokens, entries):
+                emitted[seq.seq_id] = [(token, entry)]
         new: dict[Hashable, dict[int, list[int]]] = {}
-        for seq, token, entry in zip(sampled, tokens, entries):
-            self._append(seq, token, entry)
-            new.setdefault(seq.request_id, {})[seq.index] = [token]
+        for item in scheduled:
+            seq = item.seq
+            self.pool.commit(seq.seq_id, seq.tokens[:seq.num_computed])
+            if self.proposer is not None:
+                self.proposer.settle(seq)
+            for token in emitted.get(seq.seq_id, []):
+                token, entry = token if isinstance(token, tuple) else (token, None)
+                self._append(seq, token, entry)
+                new.setdefault(seq.request_id, {}).setdefault(seq.index, []).append(token)
+                if seq.finished:
+                    break
         return [self.output(rid, tokens_by_index) for rid, tokens_by_index in new.items()]
 
     def _append(self, seq: Sequence, token: int, entry: Optional[dict]) -> None:

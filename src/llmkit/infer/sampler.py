@@ -26,6 +26,13 @@ def apply_presence_frequency(logits: torch.Tensor, output: Seq[int], presence: f
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
+def warped_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: softmax(top_p(top_k(z / T))) over (..., V)
+    logits (what speculative verification must compare, for the draft and the target alike)."""
+    flat = logits.float().reshape(-1, logits.shape[-1]) / params.temperature                  # (M, V)
+    return apply_top_p(apply_top_k(flat, params.top_k), params.top_p).softmax(-1).view(logits.shape)
+
+
 def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict:
     """{"token", "logprob", "top": [(id, logprob), ...k]} from a (V,) raw log-softmax row."""
     entry = {"token": token, "logprob": float(logprobs[token]), "top": []}
@@ -55,8 +62,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[O
             if p.greedy:
                 token = int(row.argmax())
             else:
-                row = apply_top_p(apply_top_k(row[None] / p.temperature, p.top_k), p.top_p)[0]
-                token = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+                token = int(torch.multinomial(warped_probs(row, p), 1, generator=seq.generator))
         tokens.append(token)
         entries.append(top_logprobs(raw[r], token, p.logprobs) if want_logprobs[r] else None)
     return tokens, entries
