@@ -42,6 +42,7 @@ import torch
 from ..model.modes import evaluating
 from .batch import PagedBatch
 from .blocks import BlockPool, KVBudgetError
+from .multi_lora import LoraBank
 from .params import ParamsArg, SamplingParams
 from .paged import PagedKV
 from .sampler import sample
@@ -87,13 +88,17 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, prefix_caching: bool = True,
                  tokenizer=None, seed: int = 0, max_model_len: Optional[int] = None,
-                 speculative: Union[None, str, torch.nn.Module] = None, num_speculative_tokens: int = 4):
+                 speculative: Union[None, str, torch.nn.Module] = None, num_speculative_tokens: int = 4,
+                 adapters: Optional[dict] = None):
         """model: an llmkit decoder (CausalLM) - built, trained here or loaded with `load_hf`.
         num_blocks: KV blocks of `block_size` tokens; by default enough for max_num_seqs sequences of
         max_model_len tokens, capped at 16,384 tokens in all (preemption handles the rest).
         speculative: a draft model (same vocabulary), or "ngram" for prompt lookup; each decoding
         sequence then gets up to `num_speculative_tokens` draft tokens verified per step
-        (speculate.py). Output is unchanged in distribution (greedy: token for token)."""
+        (speculate.py). Output is unchanged in distribution (greedy: token for token).
+        adapters: {name: LoRA adapter folder}, served per request (`add_request(..., adapter=name)`)
+        in one batch with the base model run once (multi_lora.py); the adapter is part of the
+        prefix-cache hash, since it changes the keys and values."""
         config = getattr(model, "config", None)
         if config is None or getattr(model, "transformer", None) is None or config.is_encoder_decoder \
                 or not config.causal or not hasattr(model, "lm_head"):
@@ -108,6 +113,7 @@ class Engine:
             raise ValueError("Engine: the model carries prompt / prefix-tuning adapters, which the paged "
                              "engine does not run; merge another adapter kind or use llmkit.generate")
         self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.lora = LoraBank(model, adapters) if adapters else None
         self.max_model_len = max_model_len or config.max_seq_len
         if num_blocks is None:
             tokens = max(self.max_model_len, min(max_num_seqs * self.max_model_len, 16384))
@@ -156,9 +162,11 @@ class Engine:
         return list(prompt_ids)
 
     def _adapter(self, adapter: Optional[str]) -> Optional[str]:
-        if adapter is not None:
-            raise ValueError(f"adapter={adapter!r}: this engine serves no adapters (known: none)")
-        return None
+        if adapter is not None and (self.lora is None or adapter not in self.lora.names):
+            known = self.lora.names if self.lora is not None else []
+            raise ValueError(f"adapter={adapter!r}: expected None (the base model) or one of the served "
+                             f"adapters {known}")
+        return adapter
 
     def add_request(self, prompt_ids, params: Optional[SamplingParams] = None, *,
                     request_id: Optional[Hashable] = None, adapter: Optional[str] = None) -> Hashable:
@@ -242,13 +250,14 @@ class Engine:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)              # (1, N)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)     # (1, N)
         index = torch.tensor([flags], dtype=torch.bool, device=dev)                # (1, N)
-        with self.lora_rows(rows):
+        context = contextlib.nullcontext()
+        if self.lora is not None and model is self.model:       # each token gets its request's adapter
+            adapter = torch.tensor([[self.lora.index(row[0].adapter) for row in rows for _ in row[2]]],
+                                   dtype=torch.long, device=dev)                   # (1, N), -1 = none
+            context = self.lora.rows(adapter, logits_index=index)
+        with context:
             out = model(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
         return out.logits                                                          # (S, V)
-
-    def lora_rows(self, rows):
-        """The multi-LoRA context for a flat batch (a no-op without adapters)."""
-        return contextlib.nullcontext()
 
     def _gammas(self, scheduled) -> dict[int, int]:
         """Draft lengths for the decoding sequences that can speculate this step (slots reserved)."""
