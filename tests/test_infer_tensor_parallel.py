@@ -15,7 +15,7 @@ import torch
 import llmkit
 import tp_worker
 from llmkit.generation import generate
-from llmkit.infer.tensor_parallel import check_shardable, local_kv_heads, shard_model
+from llmkit.infer.tensor_parallel import check_shardable, local_kv_heads, query_head_slice, shard_model
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 WORLD = 2
@@ -67,6 +67,8 @@ def test_each_rank_holds_its_slice_and_one_all_reduce_per_sublayer(ranks, name):
         assert local["q_proj"].shape == (rows, config.d_model)
         torch.testing.assert_close(local["q_proj"], q[rank * rows:(rank + 1) * rows], atol=0, rtol=0)
         assert local["heads"] == [(config.n_heads // WORLD, config.kv_heads // WORLD)] * config.n_layers
+        h = config.n_heads // WORLD
+        assert local["query_heads"] == slice(rank * h, (rank + 1) * h)
         for pname, shape in local["shapes"].items():
             whole = tuple(full[pname].shape)
             leaf = pname.split(".")[-2]
@@ -97,7 +99,7 @@ def test_check_shardable_names_field_value_and_expected():
         check_shardable(llama, 4)
     with pytest.raises(ValueError, match=r"d_ff=176 is not divisible .* world size 32"):
         check_shardable(llmkit.build_model(llmkit.get_preset("llama-tiny", n_heads=32, n_kv_heads=32, d_model=64)), 32)
-    assert local_kv_heads(llama) == 2
+    assert local_kv_heads(llama) == 2 and query_head_slice(llama) == slice(0, 4)      # unsharded: all heads
 
 
 @pytest.mark.parametrize("preset", ["bert-tiny", "bart-tiny"])

@@ -25,7 +25,8 @@ LM head stay replicated, and every rank ends a forward with the same (B, T, V) l
 counts of each `Attention` become the local ones (h/W, h_kv/W), so its reshapes, GQA repeats and
 KV cache (contiguous or paged, written through `cache.update(layer, k, v)`) all hold the rank's
 local heads: size a cache with `local_kv_heads(model)`, not `config.kv_heads`. ALiBi masks, which
-the stack builds for all h heads, are cut to the rank's heads on their way into attention.
+the stack builds for all h heads, are cut to the rank's heads (`query_head_slice(model)`) on their
+way into attention; a cache that builds its own per-head bias must cut it the same way.
 
 The splits use torch's own tensor parallelism: `parallelize_module` with `ColwiseParallel` /
 `RowwiseParallel` over a 1-D `DeviceMesh` (DTensor weights; the activations between layers stay
@@ -123,6 +124,14 @@ def shard_model(model: nn.Module, mesh_or_group: MeshOrGroup = None, *, src_rank
 def local_kv_heads(model: nn.Module) -> int:
     """Key/value heads a KV cache of this rank holds per layer (config.kv_heads unless sharded)."""
     return model.transformer.layers[0].self_attn.n_kv_heads
+
+
+def query_head_slice(model: nn.Module) -> slice:
+    """The global query heads this rank computes, [r·h/W, (r+1)·h/W) (all heads unless sharded):
+    what a per-head term built for all h heads (ALiBi slopes, a paged ALiBi bias) must be cut to."""
+    local = model.transformer.layers[0].self_attn.n_heads
+    start = getattr(model, "tensor_parallel_rank", 0) * local
+    return slice(start, start + local)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
