@@ -54,6 +54,14 @@ def test_two_ranks_give_one_process_logits_and_greedy_tokens(ranks, name):
                        generate(model, b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=8))
 
 
+@pytest.mark.parametrize("name", sorted(tp_worker.MODELS))
+def test_the_engine_on_two_ranks_gives_the_single_process_engine_tokens(ranks, name):
+    from llmkit.infer import Engine, SamplingParams
+    result = ranks[name]["engine"]
+    single = Engine(tp_worker.build(name)).generate(result["prompts"], SamplingParams(max_tokens=8, temperature=0.0))
+    assert result["tokens"] == single and all(len(t) == 8 for t in single)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_each_rank_holds_its_slice_and_one_all_reduce_per_sublayer(ranks, name):
     model = tp_worker.build(name)

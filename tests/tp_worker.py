@@ -82,8 +82,7 @@ def check_shards(model, ctx) -> dict:
 
 
 def check_engine(model, ctx) -> dict:
-    """Greedy completions of the paged engine on the sharded model (opt in: --checks ...,engine).
-    Not in the default run: under ALiBi the engine's paged bias still holds all heads."""
+    """Greedy completions of the paged engine on the sharded model."""
     from llmkit.infer import Engine, SamplingParams
     prompts = [list(range(5, 17)), list(range(30, 37))]
     return {"prompts": prompts,
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("--models", default="gpt2,llama,alibi")
-    parser.add_argument("--checks", default="logits,generate,shards")
+    parser.add_argument("--checks", default="logits,generate,shards,engine")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

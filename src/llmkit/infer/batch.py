@@ -27,7 +27,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import alibi_slopes
 from ..model.attention import repeat_kv
 from .paged import PagedKV
 
@@ -37,9 +36,11 @@ class PagedBatch:
     length = 0                       # the stack's `past`: positions come from the engine instead
 
     def __init__(self, kv: PagedKV, tables: Sequence[Sequence[int]], computed: Sequence[int],
-                 new: Sequence[int], *, sliding_window: Optional[int] = None, alibi_heads: int = 0,
+                 new: Sequence[int], *, sliding_window: Optional[int] = None,
+                 alibi: Optional[Sequence[float]] = None,
                  device=None):
-        """tables: each sequence's block table; computed: c_r; new: n_r (>= 1), in flat order."""
+        """tables: each sequence's block table; computed: c_r; new: n_r (>= 1), in flat order.
+        alibi: the ALiBi slopes of the heads this process computes (a tensor-parallel rank's share)."""
         self.kv = kv
         R, bs = len(new), kv.block_size
         max_blocks = max(len(t) for t in tables)
@@ -70,8 +71,8 @@ class PagedBatch:
         visible[:, :, 0] |= ~real_query                                       # padding queries see key 0
         self.mask = visible[:, None]                                          # (R, 1, T_q, L) bool
         self.alibi = None
-        if alibi_heads:
-            slopes = torch.tensor(alibi_slopes(alibi_heads), dtype=torch.float32, device=device)
+        if alibi is not None:
+            slopes = torch.tensor(list(alibi), dtype=torch.float32, device=device)
             distance = (q_pos[:, :, None] - k_pos[None, None, :]).clamp(min=0).float()   # (R, T_q, L)
             bias = -slopes.view(1, -1, 1, 1) * distance[:, None]                         # (R, h, T_q, L)
             self.alibi = bias.masked_fill(~self.mask, torch.finfo(torch.float32).min)

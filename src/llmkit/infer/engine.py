@@ -39,6 +39,7 @@ from typing import Hashable, Iterator, Optional, Sequence as Seq, Union
 
 import torch
 
+from ..config import alibi_slopes
 from ..model.modes import evaluating
 from .batch import PagedBatch
 from .blocks import BlockPool, KVBudgetError
@@ -82,6 +83,20 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+def alibi_for(model) -> Optional[list[float]]:
+    """The ALiBi slopes of the query heads this process computes (all, or a tensor-parallel rank's)."""
+    if model.config.positional != "alibi":
+        return None
+    from .tensor_parallel import query_head_slice        # torch.distributed's import only for ALiBi models
+    return alibi_slopes(model.config.n_heads)[query_head_slice(model)]
+
+
+def eval_mode(model):
+    """Eval mode for a step. A model already in eval mode skips `evaluating`, whose recursive
+    .eval() / .train() over every submodule was a fifth of a small model's decode step."""
+    return evaluating(model) if model.training else contextlib.nullcontext()
 
 
 class Engine:
@@ -245,8 +260,7 @@ class Engine:
         dev = self.device
         batch = PagedBatch(kv, [self.pool.requests[row[0].seq_id].table for row in rows],
                            [row[1] for row in rows], [len(row[2]) for row in rows],
-                           sliding_window=model.transformer.sliding_window,
-                           alibi_heads=model.config.n_heads if model.config.positional == "alibi" else 0, device=dev)
+                           sliding_window=model.transformer.sliding_window, alibi=alibi_for(model), device=dev)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)              # (1, N)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)     # (1, N)
         index = torch.tensor([flags], dtype=torch.bool, device=dev)                # (1, N)
@@ -277,7 +291,7 @@ class Engine:
         if not scheduled:
             return []
         start = time.perf_counter()
-        with torch.inference_mode(), evaluating(self.model):
+        with torch.inference_mode(), eval_mode(self.model):
             proposals = {}
             if self.proposer is not None:
                 proposals = self.proposer.propose(self, scheduled, self._gammas(scheduled))

@@ -25,7 +25,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..model.modes import evaluating
 from .paged import PagedKV
 from .sampler import warped_probs
 from .speculative import accept_draft, accept_greedy, ngram_propose
@@ -119,7 +118,8 @@ class DraftProposer:
 
 
 def engine_run(engine, model, kv, rows) -> torch.Tensor:
-    with evaluating(model):
+    from .engine import eval_mode
+    with eval_mode(model):
         return engine._run(model, kv, rows)
 
 
