@@ -40,7 +40,7 @@ from typing import Hashable, Iterator, Optional, Sequence as Seq, Union
 import torch
 
 from ..config import alibi_slopes
-from ..model.modes import evaluating
+from ..model.modes import eval_mode
 from .batch import PagedBatch
 from .blocks import BlockPool, KVBudgetError
 from .multi_lora import LoraBank
@@ -91,12 +91,6 @@ def alibi_for(model) -> Optional[list[float]]:
         return None
     from .tensor_parallel import query_head_slice        # torch.distributed's import only for ALiBi models
     return alibi_slopes(model.config.n_heads)[query_head_slice(model)]
-
-
-def eval_mode(model):
-    """Eval mode for a step. A model already in eval mode skips `evaluating`, whose recursive
-    .eval() / .train() over every submodule was a fifth of a small model's decode step."""
-    return evaluating(model) if model.training else contextlib.nullcontext()
 
 
 class Engine:

@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..model.modes import eval_mode
 from .paged import PagedKV
 from .sampler import warped_probs
 from .speculative import accept_draft, accept_greedy, ngram_propose
@@ -118,7 +119,6 @@ class DraftProposer:
 
 
 def engine_run(engine, model, kv, rows) -> torch.Tensor:
-    from .engine import eval_mode
     with eval_mode(model):
         return engine._run(model, kv, rows)
 

@@ -2,7 +2,7 @@
 after (evaluation, generation and reference passes all run this way)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -17,3 +17,10 @@ def evaluating(model: nn.Module):
             yield next(model.parameters()).device
     finally:
         model.train(was_training)
+
+
+def eval_mode(model: nn.Module):
+    """`evaluating(model)` for a model in training mode; nothing for one already in eval mode (an
+    inference engine's per-step case: the recursive .eval() / .train() over every submodule was a
+    fifth of a small model's decode step). Gradients are the caller's business (inference_mode)."""
+    return evaluating(model) if model.training else nullcontext()
