@@ -29,6 +29,10 @@ class GenerateRecipe:
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
     seed: int = 0
+    engine: bool = False                 # run the prompt on llmkit.infer.Engine, streaming the text as it comes
+    input: Optional[str] = None          # batch mode: a JSONL file of {"prompt": ..., overrides} (on the engine)
+    output: Optional[str] = None         # batch mode: the JSONL of completions (required with input)
+    max_num_seqs: int = 32               # engine: sequences decoded together (continuous batching)
 
     def __post_init__(self):
         if self.prompt and self.prompt_file:
@@ -38,12 +42,49 @@ class GenerateRecipe:
         if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
             raise ValueError(f"adapter={self.adapter!r}: expected a folder with adapter_config.json "
                              "(what handle.save or peft's save_pretrained writes)")
-        from .generation import SamplingParams  # raises naming the field, the value and what was expected
-        SamplingParams(**self.sampling())
+        if self.input is not None:
+            if self.prompt or self.prompt_file:
+                raise ValueError(f"input={self.input!r} with prompt / prompt_file: expected one of them (batch "
+                                 "mode reads its prompts from input)")
+            if not Path(self.input).is_file():
+                raise ValueError(f"input={self.input!r}: file not found (expected a JSONL file of prompts)")
+            if not self.output:
+                raise ValueError(f"output={self.output!r}: expected the JSONL file to write the completions to "
+                                 f"(required with input={self.input!r})")
+            if Path(self.output).resolve() == Path(self.input).resolve():
+                raise ValueError(f"output={self.output!r}: expected a file other than input")
+        elif self.output is not None:
+            raise ValueError(f"output={self.output!r} without input: expected input= too (batch mode), "
+                             "or no output (the single prompt prints to stdout)")
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs!r}: expected an integer >= 1")
+        if self.uses_engine:
+            if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                    or self.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1 "
+                                 "(on the engine)")
+            from .infer.params import SamplingParams   # raises naming the field, the value and what was expected
+            SamplingParams(**self.engine_sampling(), seed=self.seed)
+        else:
+            from .generation import SamplingParams  # raises naming the field, the value and what was expected
+            SamplingParams(**self.sampling())
+
+    @property
+    def uses_engine(self) -> bool:
+        return self.engine or self.input is not None
 
     def sampling(self) -> dict:
         return {k: getattr(self, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                                               "repetition_penalty")}
+
+    def engine_sampling(self) -> dict:
+        """The Hugging Face-style fields as llmkit.infer.SamplingParams keywords (OpenAI convention:
+        do_sample=false or temperature 0 is temperature 0, greedy; top_p None is 1.0). No seed: the
+        single prompt takes `seed`; batch mode seeds the engine with it, which draws one per request."""
+        greedy = not self.do_sample or self.temperature == 0
+        return {"max_tokens": self.max_new_tokens, "temperature": 0.0 if greedy else self.temperature,
+                "top_k": self.top_k, "top_p": 1.0 if self.top_p is None else self.top_p,
+                "repetition_penalty": self.repetition_penalty}
 
 
 @dataclass
@@ -175,20 +216,12 @@ def run_align_command(data: dict) -> None:
 
 
 def run_generate_command(data: dict) -> None:
-    import torch
-
-    from .generation import generate
-    from .jobs.artifacts import load_artifacts
+    from .generate_job import run_generate
     job = build(GenerateRecipe, data)
-    prompt = Path(job.prompt_file).read_text(encoding="utf-8").removesuffix("\n") if job.prompt_file else job.prompt
-    artifacts = load_artifacts(job.model)
-    model, tokenizer = artifacts.model, artifacts.tokenizer
-    if job.adapter:
-        from .peft import load
-        load(model, job.adapter)
-    ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
-    out = generate(model, torch.tensor([ids]), **job.sampling(), generator=torch.Generator().manual_seed(job.seed))
-    print(tokenizer.decode(out[0].tolist()))
+    if job.input is not None and data.get("engine") is False:
+        raise RecipeError(f"engine=False with input={job.input!r}: batch mode runs on the engine; "
+                          "expected engine=true or no engine key")
+    run_generate(job)
 
 
 def run_convert_command(data: dict) -> None:
