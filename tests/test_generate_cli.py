@@ -191,3 +191,19 @@ def test_batch_mode_recipe_errors(tmp_path, capsys):
         assert main(["generate", f"model={tmp_path / 'nope'}", *words]) == 2, words
         err = capsys.readouterr().err
         assert err.startswith("llmkit generate: ") and named in err, (words, err)
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculative_engine_prints_the_plain_greedy_text(checkpoint, monkeypatch, speculative):
+    words = [f"model={checkpoint}", f"prompt={PROMPTS[0]}", "max_new_tokens=16", "do_sample=false"]
+    plain, _ = _printed(monkeypatch, words)
+    draft = "ngram" if speculative == "ngram" else str(checkpoint)      # the model as its own draft
+    assert _printed(monkeypatch, [*words, "engine=true", f"speculative={draft}",
+                                  "num_speculative_tokens=3"])[0] == plain
+
+
+def test_speculative_needs_the_engine_and_a_real_draft(checkpoint, capsys):
+    assert main(["generate", f"model={checkpoint}", "prompt=a", "speculative=ngram"]) == 2
+    assert "speculative='ngram'" in capsys.readouterr().err
+    assert main(["generate", f"model={checkpoint}", "prompt=a", "engine=true", "speculative=nowhere"]) == 2
+    assert "speculative='nowhere': expected 'ngram' or a draft model folder" in capsys.readouterr().err

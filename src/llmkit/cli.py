@@ -33,6 +33,8 @@ class GenerateRecipe:
     input: Optional[str] = None          # batch mode: a JSONL file of {"prompt": ..., overrides} (on the engine)
     output: Optional[str] = None         # batch mode: the JSONL of completions (required with input)
     max_num_seqs: int = 32               # engine: sequences decoded together (continuous batching)
+    speculative: Optional[str] = None    # engine: "ngram" (prompt lookup) or a draft model folder (same tokenizer)
+    num_speculative_tokens: int = 4      # engine: draft tokens verified per step
 
     def __post_init__(self):
         if self.prompt and self.prompt_file:
@@ -42,6 +44,11 @@ class GenerateRecipe:
         if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
             raise ValueError(f"adapter={self.adapter!r}: expected a folder with adapter_config.json "
                              "(what handle.save or peft's save_pretrained writes)")
+        if self.speculative is not None and self.speculative != "ngram" and not Path(self.speculative).is_dir():
+            raise ValueError(f"speculative={self.speculative!r}: expected 'ngram' or a draft model folder")
+        if self.speculative is not None and not (self.engine or self.input is not None):
+            raise ValueError(f"speculative={self.speculative!r}: speculative decoding runs on the engine; "
+                             "expected engine=true or a batch input")
         if self.input is not None:
             if self.prompt or self.prompt_file:
                 raise ValueError(f"input={self.input!r} with prompt / prompt_file: expected one of them (batch "

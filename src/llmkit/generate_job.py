@@ -125,8 +125,13 @@ def _load(job):
 
 def _engine(job, model, tokenizer):
     from .infer import Engine
+    speculative = job.speculative
+    if speculative is not None and speculative != "ngram":
+        from .jobs.artifacts import load_artifacts
+        speculative = load_artifacts(speculative).model.eval()
     try:
-        return Engine(model, tokenizer=tokenizer, max_num_seqs=job.max_num_seqs, seed=job.seed)
+        return Engine(model, tokenizer=tokenizer, max_num_seqs=job.max_num_seqs, seed=job.seed,
+                      speculative=speculative, num_speculative_tokens=job.num_speculative_tokens)
     except ValueError as exc:                  # e.g. an encoder model, a prefix-tuning adapter
         raise RecipeError(f"model={job.model!r}: {exc}") from exc
 

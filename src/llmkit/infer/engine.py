@@ -85,6 +85,19 @@ class _Request:
         return all(s.finished for s in self.seqs)
 
 
+def compile_tokenwise(model) -> None:
+    """torch.compile, in place (`nn.Module.compile`: the state dict keeps its keys), the sublayers
+    that see the flat (1, N, d) tokens only: each block's norms and MLP and the final norm. The
+    attention sublayer stays eager: its paged part reads Python-side block tables that change every
+    step. dynamic=True: N changes from step to step; dynamo treats the weights as inputs, so the
+    blocks share one graph per sublayer kind."""
+    for block in model.transformer.layers:
+        for name in ("attn_norm", "mlp_norm", "mlp"):
+            getattr(block, name).compile(dynamic=True)
+    if model.transformer.final_norm is not None:
+        model.transformer.final_norm.compile(dynamic=True)
+
+
 def alibi_for(model) -> Optional[list[float]]:
     """The ALiBi slopes of the query heads this process computes (all, or a tensor-parallel rank's)."""
     if model.config.positional != "alibi":
@@ -98,7 +111,7 @@ class Engine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, prefix_caching: bool = True,
                  tokenizer=None, seed: int = 0, max_model_len: Optional[int] = None,
                  speculative: Union[None, str, torch.nn.Module] = None, num_speculative_tokens: int = 4,
-                 adapters: Optional[dict] = None):
+                 adapters: Optional[dict] = None, compile: bool = False):
         """model: an llmkit decoder (CausalLM) - built, trained here or loaded with `load_hf`.
         num_blocks: KV blocks of `block_size` tokens; by default enough for max_num_seqs sequences of
         max_model_len tokens, capped at 16,384 tokens in all (preemption handles the rest).
@@ -107,7 +120,9 @@ class Engine:
         (speculate.py). Output is unchanged in distribution (greedy: token for token).
         adapters: {name: LoRA adapter folder}, served per request (`add_request(..., adapter=name)`)
         in one batch with the base model run once (multi_lora.py); the adapter is part of the
-        prefix-cache hash, since it changes the keys and values."""
+        prefix-cache hash, since it changes the keys and values.
+        compile: torch.compile the token-wise sublayers (see `compile_tokenwise`); the first steps
+        pay the compile time."""
         config = getattr(model, "config", None)
         if config is None or getattr(model, "transformer", None) is None or config.is_encoder_decoder \
                 or not config.causal or not hasattr(model, "lm_head"):
@@ -123,6 +138,8 @@ class Engine:
                              "engine does not run; merge another adapter kind or use llmkit.generate")
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.lora = LoraBank(model, adapters) if adapters else None
+        if compile:
+            compile_tokenwise(model)
         self.max_model_len = max_model_len or config.max_seq_len
         if num_blocks is None:
             tokens = max(self.max_model_len, min(max_num_seqs * self.max_model_len, 16384))
@@ -142,7 +159,10 @@ class Engine:
         eos = config.eos_token_id
         self.eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                      "forward_s": 0.0, "spec_proposed": 0, "spec_accepted": 0}
+                      "spec_proposed": 0, "spec_accepted": 0,
+                      # where step time goes: scheduling, the draft's forwards, the target's forward
+                      # (batch layout, model, paged attention), sampling + stop checks + outputs
+                      "schedule_s": 0.0, "draft_s": 0.0, "forward_s": 0.0, "sample_s": 0.0}
         self.num_speculative_tokens = num_speculative_tokens
         self.proposer = build_proposer(speculative, self, num_speculative_tokens)
 
@@ -281,14 +301,18 @@ class Engine:
         return gammas
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         start = time.perf_counter()
+        self.stats["schedule_s"] += start - t0
         with torch.inference_mode(), eval_mode(self.model):
             proposals = {}
             if self.proposer is not None:
                 proposals = self.proposer.propose(self, scheduled, self._gammas(scheduled))
+                self.stats["draft_s"] += time.perf_counter() - start
+                start = time.perf_counter()
             rows = []
             for item in scheduled:
                 seq, n = item.seq, item.num_new
@@ -296,7 +320,8 @@ class Engine:
                 rows.append((seq, seq.num_computed, seq.tokens[seq.num_computed:seq.num_computed + n] + draft,
                              [False] * (n - 1) + [item.samples] + [True] * len(draft)))
             logits = self._run(self.model, self.kv, rows)                           # (S, V)
-        self.stats["forward_s"] += time.perf_counter() - start
+        t_sample = time.perf_counter()
+        self.stats["forward_s"] += t_sample - start
         self.stats["steps"] += 1
         plain, plain_logits, emitted, at = [], [], {}, 0
         for item in scheduled:
@@ -333,7 +358,9 @@ class Engine:
                 new.setdefault(seq.request_id, {}).setdefault(seq.index, []).append(token)
                 if seq.finished:
                     break
-        return [self.output(rid, tokens_by_index) for rid, tokens_by_index in new.items()]
+        outputs = [self.output(rid, tokens_by_index) for rid, tokens_by_index in new.items()]
+        self.stats["sample_s"] += time.perf_counter() - t_sample
+        return outputs
 
     def _append(self, seq: Sequence, token: int, entry: Optional[dict]) -> None:
         req = self.requests[seq.request_id]
