@@ -22,7 +22,9 @@ Sections (each repeated --repeats times in ABAB order; the median is reported):
    prompt lookup (gamma 4); the outputs must be identical; wall-clock speed-up and acceptance.
 5. where the step time goes (engine.stats): scheduling, forward, sampling, for sections 1 and 2;
    and torch.compile of the token-wise sublayers (Engine(compile=True)), its compile time apart.
-llama.cpp (llama-cpp-python) is reported if it imports in this environment.
+6. llama.cpp: with --llama-cpp-python PYTHON (an environment where llama-cpp-python is installed:
+   it builds from source in ~17 min, so it lives in its own venv), the same weights as an f32 GGUF
+   (benchmarks/gguf_llama.py, needs the `gguf` package here), batch-1 greedy against the Engine.
 
 Run:  .venv/bin/python benchmarks/bench_engine.py            (writes benchmarks/results/engine.md)
       .venv/bin/python benchmarks/bench_engine.py --quick    (smaller, 1 repeat; /tmp/bench_engine_quick.md)
@@ -111,6 +113,38 @@ def stats_split(engine: Engine) -> str:
     return ", ".join(f"{k[:-2]} {100 * v / total:.0f}%" for k, v in parts.items())
 
 
+CATEGORIES = {"matmuls (linear)": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul"),
+              "attention (SDPA)": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product"),
+              "paged KV gather / write": ("aten::index_select", "aten::index_copy_", "aten::index_copy"),
+              "norms, RoPE, activations": ("aten::mean", "aten::pow", "aten::rsqrt", "aten::mul", "aten::add",
+                                           "aten::cat", "aten::silu", "aten::neg", "aten::cos", "aten::sin")}
+
+
+def profile_steps(engine: Engine, prompts, params, steps: int) -> dict:
+    """Where a decode step's wall time goes: torch.profiler's self CPU time of the top-level op
+    families, the rest being Python (module calls, batch layout, scheduling, sampling)."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = [engine.add_request(p, params) for p in prompts]
+    while any(not s.output for i in ids for s in engine.requests[i].seqs):       # past every prefill
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - start
+    for i in ids:
+        engine.release(i)
+    own = {k: 0.0 for k in CATEGORIES}
+    for event in prof.key_averages():
+        for k, names in CATEGORIES.items():
+            if event.key in names or any(event.key.startswith(n) for n in names if n.endswith("product")):
+                own[k] += event.self_cpu_time_total / 1e6
+    # self times of nested ops (linear -> addmm) are disjoint, so the families add up
+    out = {k: v / wall for k, v in own.items()}
+    out["Python and everything else"] = max(0.0, 1 - sum(out.values()))
+    return {"ms_per_step": 1000 * wall / steps, "share": out}
+
+
 def section_batch1(hf, ours, repeats: int, quick: bool) -> dict:
     prompt = torch.randint(0, 8192, (32,), generator=torch.Generator().manual_seed(2)).tolist()
     n = 32 if quick else 128
@@ -123,7 +157,9 @@ def section_batch1(hf, ours, repeats: int, quick: bool) -> dict:
                          "llmkit generate": lambda: ours_generate(ours, [prompt], n),
                          "engine": lambda: engine.generate([prompt], params),
                          "engine compile": lambda: compiled.generate([prompt], params)}, repeats)
-    return {"n": n, "times": times, "split": stats_split(engine), "compile_s": compile_s, "compile_same": same}
+    prof = profile_steps(Engine(ours), [prompt], SamplingParams(max_tokens=200, temperature=0), 32)
+    return {"n": n, "times": times, "split": stats_split(engine), "compile_s": compile_s, "compile_same": same,
+            "profile": prof}
 
 
 def section_concurrent(hf, ours, repeats: int, quick: bool) -> dict:
@@ -137,8 +173,9 @@ def section_concurrent(hf, ours, repeats: int, quick: bool) -> dict:
     times = median_abab({"transformers static": lambda: hf_generate(hf, prompts, max(news)),
                          "llmkit generate static": lambda: ours_generate(ours, prompts, max(news)),
                          "engine continuous": lambda: engine.generate(prompts, params)}, repeats)
+    prof = profile_steps(Engine(ours), prompts, SamplingParams(max_tokens=200, temperature=0), 16)
     return {"k": k, "lengths": lengths, "news": news, "useful": sum(news), "times": times,
-            "split": stats_split(engine)}
+            "split": stats_split(engine), "profile": prof}
 
 
 def section_prefix(ours, repeats: int, quick: bool) -> dict:
@@ -209,16 +246,30 @@ def section_speculative(tmp: Path, steps: int, quick: bool) -> dict:
             "identical": identical, "sample": sample, "steps": steps}
 
 
-def llama_cpp_note() -> str:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return ("llama.cpp: the `llama_cpp` package is not importable in this environment, so there is no "
-                "llama.cpp row (GGUF export arrives with the compression issue).")
-    return "llama.cpp: importable, but this script does not yet export GGUF; no row."
+def section_llama_cpp(ours, python: str, tmp: Path, repeats: int, quick: bool) -> dict:
+    """The same weights as f32 GGUF in llama.cpp (its own process, `python` = an environment with
+    llama-cpp-python), batch-1 greedy; the llmkit Engine timed right after on the same prompt."""
+    import json
+    import subprocess
+    from gguf_llama import write_llama_gguf
+    prompt = torch.randint(0, 8192, (32,), generator=torch.Generator().manual_seed(2)).tolist()
+    n = 32 if quick else 128
+    path = write_llama_gguf(ours, tmp / "model-f32.gguf")
+    spec = json.dumps({"prompt": prompt, "n": n, "threads": torch.get_num_threads(), "repeats": repeats})
+    proc = subprocess.run([python, str(Path(__file__).with_name("llama_cpp_worker.py")), str(path), spec],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    engine = Engine(ours)
+    params = SamplingParams(max_tokens=n, temperature=0)
+    ours_tokens = engine.generate([prompt], params)[0]
+    times = median_abab({"engine": lambda: engine.generate([prompt], params)}, repeats)
+    agree = next((i for i, (a, b) in enumerate(zip(got["tokens"], ours_tokens)) if a != b), len(ours_tokens))
+    return {"n": n, "llama_s": statistics.median(got["times"]), "engine_s": times["engine"], "agree": agree}
 
 
-def render(args, model_diff, b1, cc, pc, sp) -> str:
+def render(args, model_diff, b1, cc, pc, sp, lc) -> str:
     tps = lambda tokens, s: tokens / s                                                          # noqa: E731
     lines = [f"# Inference engine vs transformers `generate`\n",
              f"Machine: {machine_line()}, {args.threads} threads. Date: {datetime.date.today()}. "
@@ -246,6 +297,15 @@ def render(args, model_diff, b1, cc, pc, sp) -> str:
     ratio = tps(cc["useful"], cc["times"]["engine continuous"]) / base
     lines += ["", f"Engine step time split: {cc['split']}. Goal >= 3x: **{'met' if ratio >= 3 else 'missed'}** "
                   f"({ratio:.2f}x).\n",
+              "## Where a decode step's time goes\n",
+              "torch.profiler self CPU time per op family over decode steps (every sequence past its prefill), "
+              "the rest is Python: module calls, the step's batch layout, scheduling and sampling.\n",
+              "| | " + " | ".join(b1["profile"]["share"]) + " | ms per step |",
+              "|---|" + "---|" * (len(b1["profile"]["share"]) + 1),
+              f"| batch 1 | " + " | ".join(f"{100 * v:.0f}%" for v in b1["profile"]["share"].values())
+              + f" | {b1['profile']['ms_per_step']:.2f} |",
+              f"| batch {cc['k']} | " + " | ".join(f"{100 * v:.0f}%" for v in cc["profile"]["share"].values())
+              + f" | {cc['profile']['ms_per_step']:.2f} |", "",
               f"## 3. Prefix caching: TTFT with a shared {pc['system']}-token system prompt\n",
               "| prefix caching | first request TTFT ms | median TTFT ms, requests 2-8 |", "|---|---|---|",
               f"| on | {1000 * pc['first'][True]:.1f} | {1000 * pc['med'][True]:.1f} |",
@@ -260,7 +320,21 @@ def render(args, model_diff, b1, cc, pc, sp) -> str:
     for k, t in sp["times"].items():
         acc = "-" if sp["accept"][k] is None else f"{100 * sp['accept'][k]:.0f}%"
         lines.append(f"| {k} | {t:.2f} | {sp['times']['plain'] / t:.2f}x | {acc} |")
-    lines += ["", "## llama.cpp\n", llama_cpp_note(), ""]
+    lines += ["", "## llama.cpp (batch-1 CPU reference)\n"]
+    if lc is None:
+        lines.append("Not run: no environment with llama-cpp-python was given (`--llama-cpp-python PYTHON`).")
+    elif "error" in lc:
+        lines.append(f"llama.cpp failed: `{lc['error'][-300:]}`")
+    else:
+        ratio = (lc["n"] / lc["engine_s"]) / (lc["n"] / lc["llama_s"])
+        lines += ["Same weights written as an f32 GGUF (`benchmarks/gguf_llama.py`), llama-cpp-python in its own "
+                  f"process on the same {args.threads} threads; {lc['n']} greedy tokens after a 32-token prompt.\n",
+                  "| path | tokens/s | llmkit Engine / llama.cpp |", "|---|---|---|",
+                  f"| llama.cpp f32 | {lc['n'] / lc['llama_s']:.1f} | |",
+                  f"| llmkit Engine | {lc['n'] / lc['engine_s']:.1f} | {ratio:.2f}x |", "",
+                  f"Greedy tokens agree for the first {lc['agree']} of {lc['n']} (fp32 on both sides; a "
+                  "divergence after many tokens is a near-tie in the random model's logits)."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -270,7 +344,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--spec-steps", type=int, default=None)
-    parser.add_argument("--sections", default="1,2,3,4")
+    parser.add_argument("--llama-cpp-python", default=None,
+                        help="a python with llama-cpp-python installed (its own venv), for the llama.cpp row")
     args = parser.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
     steps = args.spec_steps or (40 if args.quick else 600)
@@ -286,7 +361,11 @@ def main() -> None:
         print("prefix", pc, flush=True)
         sp = section_speculative(tmp, steps, args.quick)
         print("speculative", sp, flush=True)
-    text = render(args, diff, b1, cc, pc, sp)
+        lc = None
+        if args.llama_cpp_python:
+            lc = section_llama_cpp(ours, args.llama_cpp_python, tmp, args.repeats, args.quick)
+            print("llama.cpp", lc, flush=True)
+    text = render(args, diff, b1, cc, pc, sp, lc)
     out = QUICK_OUT if args.quick else RESULTS
     out.write_text(text)
     print(text)

@@ -277,7 +277,8 @@ class Engine:
                            sliding_window=model.transformer.sliding_window, alibi=alibi_for(model), device=dev)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)              # (1, N)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)     # (1, N)
-        index = torch.tensor([flags], dtype=torch.bool, device=dev)                # (1, N)
+        # every token sampled (a pure decode step): all N logits, no boolean gather
+        index = None if all(flags) else torch.tensor([flags], dtype=torch.bool, device=dev)   # (1, N)
         context = contextlib.nullcontext()
         if self.lora is not None and model is self.model:       # each token gets its request's adapter
             adapter = torch.tensor([[self.lora.index(row[0].adapter) for row in rows for _ in row[2]]],
@@ -285,7 +286,7 @@ class Engine:
             context = self.lora.rows(adapter, logits_index=index)
         with context:
             out = model(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
-        return out.logits                                                          # (S, V)
+        return out.logits if index is not None else out.logits[0]                  # (S, V)
 
     def _gammas(self, scheduled) -> dict[int, int]:
         """Draft lengths for the decoding sequences that can speculate this step (slots reserved)."""
