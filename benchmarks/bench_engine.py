@@ -174,8 +174,14 @@ def section_concurrent(hf, ours, repeats: int, quick: bool) -> dict:
                          "llmkit generate static": lambda: ours_generate(ours, prompts, max(news)),
                          "engine continuous": lambda: engine.generate(prompts, params)}, repeats)
     prof = profile_steps(Engine(ours), prompts, SamplingParams(max_tokens=200, temperature=0), 16)
+    budget = 2 * ours.config.max_seq_len                  # KV for two contiguous caches at full length
+    tight = Engine(ours, num_blocks=budget // 16, max_num_seqs=32, max_num_batched_tokens=512)
+    tight.generate(prompts, params)
+    mem = {"budget": budget, "block": 16, "max_len": ours.config.max_seq_len,
+           "contiguous": budget // ours.config.max_seq_len, "paged": tight.stats["max_running"],
+           "preemptions": tight.scheduler.num_preemptions}
     return {"k": k, "lengths": lengths, "news": news, "useful": sum(news), "times": times,
-            "split": stats_split(engine), "profile": prof}
+            "split": stats_split(engine), "profile": prof, "mem": mem}
 
 
 def section_prefix(ours, repeats: int, quick: bool) -> dict:
@@ -234,12 +240,11 @@ def section_speculative(tmp: Path, steps: int, quick: bool) -> dict:
     outs, times, accept = {}, {}, {}
     for name, engine in engines.items():
         engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0))               # warm-up
-        engine.stats.update(spec_proposed=0, spec_accepted=0)
+        engine.stats["spec_calls"].clear()
         start = time.perf_counter()
         outs[name] = [engine.generate([p], params)[0] for p in prompts]                           # one at a time
         times[name] = time.perf_counter() - start
-        s = engine.stats
-        accept[name] = s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else None
+        accept[name] = engine.speculation_summary()
     identical = all(o == outs["plain"] for o in outs.values())
     sample = tok.decode(outs["plain"][0][:80])
     return {"params": (count(target), count(draft)), "n": n, "times": times, "accept": accept,
@@ -270,6 +275,7 @@ def section_llama_cpp(ours, python: str, tmp: Path, repeats: int, quick: bool) -
 
 
 def render(args, model_diff, b1, cc, pc, sp, lc) -> str:
+    mem = cc["mem"]
     tps = lambda tokens, s: tokens / s                                                          # noqa: E731
     lines = [f"# Inference engine vs transformers `generate`\n",
              f"Machine: {machine_line()}, {args.threads} threads. Date: {datetime.date.today()}. "
@@ -318,8 +324,21 @@ def render(args, model_diff, b1, cc, pc, sp, lc) -> str:
               f"{sp['identical']}. Sample: `{sp['sample']!r}`\n",
               "| proposer | wall s | speed-up | acceptance |", "|---|---|---|---|"]
     for k, t in sp["times"].items():
-        acc = "-" if sp["accept"][k] is None else f"{100 * sp['accept'][k]:.0f}%"
+        a = sp["accept"][k]
+        acc = "-" if not a.get("calls") else f"{100 * a['acceptance']:.0f}%"
         lines.append(f"| {k} | {t:.2f} | {sp['times']['plain'] / t:.2f}x | {acc} |")
+    lines += ["", "Acceptance = drafts kept / drafts proposed; α = kept / (kept + rejections), the per-token rate "
+                  "of the geometric model; tokens per target call measured against (1 − α^{γ+1}) / (1 − α) summed "
+                  "over the calls' own γ (cut near max_tokens).\n",
+              "| proposer | verification calls | α | tokens per target call, measured | predicted |", "|---|---|---|---|---|"]
+    for k, a in sp["accept"].items():
+        if a and a.get("calls"):
+            lines.append(f"| {k} | {a['calls']} | {a['alpha']:.3f} | {a['measured']:.2f} | {a['predicted']:.2f} |")
+    lines += ["", f"## Memory: sequences a fixed KV budget holds\n",
+              f"{mem['budget']} KV slots (blocks of {mem['block']}), context {mem['max_len']}: contiguous per-request "
+              f"caches at the maximum length hold {mem['contiguous']} sequences; the paged engine ran "
+              f"{mem['paged']} at once on section 2's requests ({mem['paged'] / mem['contiguous']:.1f}x), "
+              f"preempting {mem['preemptions']} times.\n"]
     lines += ["", "## llama.cpp (batch-1 CPU reference)\n"]
     if lc is None:
         lines.append("Not run: no environment with llama-cpp-python was given (`--llama-cpp-python PYTHON`).")

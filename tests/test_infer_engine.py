@@ -236,3 +236,14 @@ def test_engine_refuses_models_it_cannot_run():
         Engine(llmkit.build_model(llmkit.get_preset("bert-tiny"), task="masked_lm"))
     with pytest.raises(ValueError, match="max_num_seqs=0"):
         Engine(build("llama-tiny"), max_num_seqs=0)
+
+
+def test_a_fixed_kv_budget_holds_more_sequences_than_contiguous_caches():
+    """128 KV slots: contiguous per-request caches at the 64-token maximum would hold 2 sequences;
+    paged blocks of 4 hold every request's real tokens (5 + 8), so 8 run at once."""
+    model = build("llama-tiny", vocab_size=128, max_seq_len=64)
+    engine = Engine(model, block_size=4, num_blocks=32)
+    contiguous = engine.pool.num_blocks * engine.pool.block_size // engine.max_model_len
+    out = engine.generate(prompts([5] * 8, seed=3), SamplingParams(max_tokens=8, temperature=0))
+    assert contiguous == 2 and engine.stats["max_running"] == 8 and all(len(o) == 8 for o in out)
+    assert engine.kv_blocks_in_use == 0

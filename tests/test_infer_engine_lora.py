@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 import llmkit.peft as lpeft
 from llmkit.infer import Engine, SamplingParams
 from test_infer_engine import build, prompts, reference
+from test_infer_multi_lora import _perturb
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,7 @@ def adapters(tmp_path_factory):
     for seed, (name, targets) in enumerate({"a": ["q_proj", "v_proj"], "b": ["o_proj", "up_proj", "lm_head"]}.items()):
         model = copy.deepcopy(base)
         handle = lpeft.apply(model, "lora", r=4, alpha=8, targets=targets)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, _, module in handle.adapter_modules():
-                for pname, p in module.named_parameters():
-                    if pname.startswith("lora_"):
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        _perturb(handle, seed)                           # non-zero B, so each adapter matters
         dirs[name] = handle.save(root / name)
         refs[name] = handle.merge_and_unload().eval()
     return base, refs, dirs

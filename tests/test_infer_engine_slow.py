@@ -1,5 +1,5 @@
-"""Slow engine checks: Engine(compile=True) (torch.compile of the token-wise sublayers) gives the
-eager engine's greedy tokens, with prefill chunks and decodes mixed."""
+"""Slow engine checks: Engine(compile=True) (a lone sequence's decode steps through torch.compile)
+gives the eager engine's greedy tokens, alone and beside other requests."""
 from __future__ import annotations
 
 import copy
@@ -19,4 +19,6 @@ def test_compiled_engine_equals_eager():
     compiled_model = copy.deepcopy(model)
     compiled = Engine(compiled_model, compile=True, max_num_batched_tokens=16)
     assert compiled.generate(ps, params) == eager
-    assert set(compiled_model.state_dict()) == set(model.state_dict())      # in place: keys unchanged
+    alone = Engine(model).generate(ps[:1], SamplingParams(max_tokens=24, temperature=0))   # batch 1: compiled steps
+    assert compiled.generate(ps[:1], SamplingParams(max_tokens=24, temperature=0)) == alone
+    assert set(compiled_model.state_dict()) == set(model.state_dict())      # the model itself untouched

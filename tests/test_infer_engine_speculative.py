@@ -64,3 +64,30 @@ def test_sampled_speculation_follows_the_target_distribution(draft):
     dof = int(keep.sum()) + (1 if rare_e > 0 else 0) - 1
     assert stat < chi2_critical(dof), (float(stat), dof)
     assert engine.stats["spec_accepted"] > 0 and engine.stats["spec_accepted"] < engine.stats["spec_proposed"]
+
+
+def test_tokens_per_target_call_match_the_geometric_formula():
+    """Context-free target and draft (zeroed final norms: p = uniform, q = softmax(lm_head bias)), so
+    every draft token is kept with the same probability α = Σ_v min(p_v, q_v), independently:
+    a call with γ drafts emits (1 − α^{γ+1}) / (1 − α) tokens on average."""
+    V, gamma = 6, 3
+    target = build("gpt2-tiny", vocab_size=V)
+    draft = build("gpt2-tiny", seed=1, vocab_size=V, lm_head_bias=True)
+    with torch.no_grad():
+        for m in (target, draft):
+            m.transformer.final_norm.weight.zero_()
+            m.transformer.final_norm.bias.zero_()
+        draft.lm_head.bias.copy_(torch.tensor([2.0, 1.0, 0.0, 0.0, -1.0, -2.0]))
+    p = torch.full((V,), 1 / V)
+    q = draft.lm_head.bias.detach().softmax(-1)
+    alpha = float(torch.minimum(p, q).sum())
+    engine = Engine(target, speculative=draft, num_speculative_tokens=gamma, max_num_seqs=64, seed=0)
+    engine.generate([[1, 2, 3]] * 64, SamplingParams(max_tokens=40, temperature=1.0))
+    summary = engine.speculation_summary()
+    full = {a: c for (g, a), c in engine.stats["spec_calls"].items() if g == gamma}
+    calls = sum(full.values())
+    measured = sum((a + 1) * c for a, c in full.items()) / calls
+    expected = (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    assert calls > 500
+    assert abs(measured - expected) < 0.06, (measured, expected)
+    assert abs(summary["alpha"] - alpha) < 0.03 and abs(summary["measured"] - summary["predicted"]) < 0.06

@@ -31,6 +31,7 @@ The interface:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import time
@@ -85,19 +86,6 @@ class _Request:
         return all(s.finished for s in self.seqs)
 
 
-def compile_tokenwise(model) -> None:
-    """torch.compile, in place (`nn.Module.compile`: the state dict keeps its keys), the sublayers
-    that see the flat (1, N, d) tokens only: each block's norms and MLP and the final norm. The
-    attention sublayer stays eager: its paged part reads Python-side block tables that change every
-    step. dynamic=True: N changes from step to step; dynamo treats the weights as inputs, so the
-    blocks share one graph per sublayer kind."""
-    for block in model.transformer.layers:
-        for name in ("attn_norm", "mlp_norm", "mlp"):
-            getattr(block, name).compile(dynamic=True)
-    if model.transformer.final_norm is not None:
-        model.transformer.final_norm.compile(dynamic=True)
-
-
 def alibi_for(model) -> Optional[list[float]]:
     """The ALiBi slopes of the query heads this process computes (all, or a tensor-parallel rank's)."""
     if model.config.positional != "alibi":
@@ -121,8 +109,11 @@ class Engine:
         adapters: {name: LoRA adapter folder}, served per request (`add_request(..., adapter=name)`)
         in one batch with the base model run once (multi_lora.py); the adapter is part of the
         prefix-cache hash, since it changes the keys and values.
-        compile: torch.compile the token-wise sublayers (see `compile_tokenwise`); the first steps
-        pay the compile time."""
+        compile: run the decode steps of a lone sequence through `torch.compile(model, dynamic=True)`,
+        a compiled copy of the forward that leaves `model` as it is (the first such steps pay the
+        compile time). Measured on 2 CPU cores (benchmarks/results/engine.md): ~1.5x faster at batch
+        1, but 1.3-2x slower per step than eager once several sequences of mixed lengths decode
+        together, so every other step (prefills, batches, multi-LoRA, the draft model) stays eager."""
         config = getattr(model, "config", None)
         if config is None or getattr(model, "transformer", None) is None or config.is_encoder_decoder \
                 or not config.causal or not hasattr(model, "lm_head"):
@@ -138,8 +129,7 @@ class Engine:
                              "engine does not run; merge another adapter kind or use llmkit.generate")
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.lora = LoraBank(model, adapters) if adapters else None
-        if compile:
-            compile_tokenwise(model)
+        self._compiled = torch.compile(model, dynamic=True) if compile else None
         self.max_model_len = max_model_len or config.max_seq_len
         if num_blocks is None:
             tokens = max(self.max_model_len, min(max_num_seqs * self.max_model_len, 16384))
@@ -159,7 +149,10 @@ class Engine:
         eos = config.eos_token_id
         self.eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                      "spec_proposed": 0, "spec_accepted": 0,
+                      "spec_proposed": 0, "spec_accepted": 0, "max_running": 0,
+                      # verification calls counted by (draft length γ, drafts kept): what the
+                      # acceptance rate and the tokens per target call are computed from
+                      "spec_calls": collections.Counter(),
                       # where step time goes: scheduling, the draft's forwards, the target's forward
                       # (batch layout, model, paged attention), sampling + stop checks + outputs
                       "schedule_s": 0.0, "draft_s": 0.0, "forward_s": 0.0, "sample_s": 0.0}
@@ -272,20 +265,25 @@ class Engine:
             positions += range(start, start + len(tokens))
             flags += sample_at
         dev = self.device
-        batch = PagedBatch(kv, [self.pool.requests[row[0].seq_id].table for row in rows],
-                           [row[1] for row in rows], [len(row[2]) for row in rows],
-                           sliding_window=model.transformer.sliding_window, alibi=alibi_for(model), device=dev)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)              # (1, N)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=dev)     # (1, N)
         # every token sampled (a pure decode step): all N logits, no boolean gather
         index = None if all(flags) else torch.tensor([flags], dtype=torch.bool, device=dev)   # (1, N)
+        run = model
+        if self._compiled is not None and model is self.model and self.lora is None and len(ids) == 1:
+            run = self._compiled                                         # one sequence decoding
+        attn = model.transformer.layers[0].self_attn
+        batch = PagedBatch(kv, [self.pool.requests[row[0].seq_id].table for row in rows],
+                           [row[1] for row in rows], [len(row[2]) for row in rows], heads=attn.n_heads,
+                           dtype=next(model.parameters()).dtype, sliding_window=model.transformer.sliding_window,
+                           alibi=alibi_for(model), cut_single=run is model, device=dev)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)              # (1, N)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=dev)     # (1, N)
         context = contextlib.nullcontext()
         if self.lora is not None and model is self.model:       # each token gets its request's adapter
             adapter = torch.tensor([[self.lora.index(row[0].adapter) for row in rows for _ in row[2]]],
                                    dtype=torch.long, device=dev)                   # (1, N), -1 = none
             context = self.lora.rows(adapter, logits_index=index)
         with context:
-            out = model(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
+            out = run(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
         return out.logits if index is not None else out.logits[0]                  # (S, V)
 
     def _gammas(self, scheduled) -> dict[int, int]:
@@ -324,6 +322,7 @@ class Engine:
         t_sample = time.perf_counter()
         self.stats["forward_s"] += t_sample - start
         self.stats["steps"] += 1
+        self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
         plain, plain_logits, emitted, at = [], [], {}, 0
         for item in scheduled:
             seq = item.seq
@@ -339,6 +338,7 @@ class Engine:
                 emitted[seq.seq_id] = draft[:n_acc] + [nxt]
                 self.stats["spec_proposed"] += len(draft)
                 self.stats["spec_accepted"] += n_acc
+                self.stats["spec_calls"][(len(draft), n_acc)] += 1
             else:
                 plain.append(seq)
                 plain_logits.append(logits[at:at + 1])
@@ -389,6 +389,25 @@ class Engine:
             self.scheduler.remove(seq)
 
     # ---- conveniences ----------------------------------------------------------------------------
+    def speculation_summary(self) -> dict:
+        """Acceptance and tokens per target call of the verification calls so far.
+
+        With each draft token kept with probability α independently (Leviathan et al. 2023), a call
+        with γ drafts emits E = (1 − α^{γ+1}) / (1 − α) tokens. α is estimated from the calls as
+        kept / (kept + rejections) (a call stops at its first rejection), and `predicted` sums that E
+        over the calls' own γ, to compare with the `measured` tokens per call."""
+        calls = self.stats["spec_calls"]
+        n = sum(calls.values())
+        if not n:
+            return {"calls": 0}
+        kept = sum(a * c for (g, a), c in calls.items())
+        rejections = sum(c for (g, a), c in calls.items() if a < g)
+        alpha = kept / (kept + rejections) if kept + rejections else 1.0
+        expect = (lambda g: g + 1) if alpha == 1.0 else (lambda g: (1 - alpha ** (g + 1)) / (1 - alpha))
+        return {"calls": n, "alpha": alpha, "acceptance": kept / sum(g * c for (g, a), c in calls.items()),
+                "measured": sum((a + 1) * c for (g, a), c in calls.items()) / n,
+                "predicted": sum(expect(g) * c for (g, a), c in calls.items()) / n}
+
     def stream(self, request_id: Hashable, index: int = 0) -> Iterator[int]:
         """Yield sample `index`'s new token ids as they come, stepping the engine when needed."""
         req = self._request(request_id)

@@ -119,7 +119,7 @@ class Transformer(nn.Module):
             raise ValueError("a prompt (prompt tuning) cannot precede packed documents (doc_ids): every "
                              "document would need its own copy; set data.packing: false")
         B, T, _ = inputs_embeds.shape                  # T counts the prompt's p positions
-        shift = max((virtual_length(block.self_attn.kv_prefix) for block in self.layers), default=0)
+        shift = max([0] + [virtual_length(block.self_attn.kv_prefix) for block in self.layers])
         paged = getattr(cache, "paged", False)          # the engine: (1, N) tokens of many sequences
         if paged and (prompt_len or shift or position_ids is None):
             raise ValueError("a paged cache needs explicit position_ids and no prompt / prefix adapters")
