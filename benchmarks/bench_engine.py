@@ -16,10 +16,12 @@ Sections (each repeated --repeats times in ABAB order; the median is reported):
    Output tokens/s counts the requested tokens only. Goal: >= 3x transformers.
 3. prefix caching: 8 requests in turn, each a shared 512-token system prompt + its own 16 tokens,
    8 new tokens each; time to first token (TTFT) with prefix caching on and off (requests 2-8).
-4. speculative decoding: a target (GPT-2 layout, d=256, 6 layers) and a draft ~12x smaller (d=128,
-   2 layers) trained by `llmkit.pretrain` for --spec-steps steps on tinyshakespeare (characters);
-   4 prompts decoded one at a time, 256 greedy tokens each: plain, draft model (gamma 4),
-   prompt lookup (gamma 4); the outputs must be identical; wall-clock speed-up and acceptance.
+4. speculative decoding: a target (GPT-2 layout, d=256, 6 layers) trained by `llmkit.pretrain` for
+   --spec-steps steps on tinyshakespeare (characters), and a draft ~10x smaller (d=128, 2 layers)
+   trained as long on the target's own samples (sequence-level distillation, generated on the
+   engine); 4 prompts decoded one at a time, 256 greedy tokens each: plain, draft model (gamma 4),
+   prompt lookup (gamma 4), and plain decoding with compile=True; the outputs must be identical;
+   wall-clock speed-up, acceptance, tokens per target call against the geometric formula.
 5. where the step time goes (engine.stats): scheduling, forward, sampling, for sections 1 and 2;
    and torch.compile of the token-wise sublayers (Engine(compile=True)), its compile time apart.
 6. llama.cpp: with --llama-cpp-python PYTHON (an environment where llama-cpp-python is installed:
@@ -211,11 +213,12 @@ def section_prefix(ours, repeats: int, quick: bool) -> dict:
     return {"system": len(system), "med": med, "first": first}
 
 
-def train_char_model(out: Path, d: int, layers: int, heads: int, steps: int) -> None:
+def train_char_model(out: Path, d: int, layers: int, heads: int, steps: int, source: Path = SHAKESPEARE,
+                     tokenizer: str = "char") -> None:
     from llmkit.pretrain import parse_recipe, run_pretrain
     recipe = {"model": {"preset": "gpt2-tiny", "n_layers": layers, "n_heads": heads, "d_model": d, "d_ff": 4 * d,
                         "max_seq_len": 512, "dropout": 0.0},
-              "data": {"source": str(SHAKESPEARE), "tokenizer": "char", "block_size": 128, "batch_size": 16,
+              "data": {"source": str(source), "tokenizer": tokenizer, "block_size": 128, "batch_size": 16,
                        "val_fraction": 0.1, "sampling": "random"},
               "train": {"out_dir": str(out), "optimizer": "adamw", "lr": 2e-3, "min_lr": 2e-4, "schedule": "cosine",
                         "warmup_steps": 50, "max_steps": steps, "eval_every": steps, "eval_batches": 4,
@@ -224,22 +227,44 @@ def train_char_model(out: Path, d: int, layers: int, heads: int, steps: int) -> 
     run_pretrain(parse_recipe(recipe))
 
 
+def distillation_text(target, tok, out: Path, prompts: int, tokens: int) -> Path:
+    """Sequence-level distillation data (Kim & Rush 2016; DistillSpec, Zhou et al. 2024): the target's
+    own samples (temperature 1) from line starts of the real text, generated on the engine."""
+    lines = [ln for ln in SHAKESPEARE.read_text().splitlines() if len(ln) > 20]
+    g = torch.Generator().manual_seed(5)
+    starts = [lines[int(i)][:16] for i in torch.randint(0, len(lines), (prompts,), generator=g)]
+    engine = Engine(target, max_num_seqs=64, max_num_batched_tokens=1024, seed=5)
+    outs = engine.generate([tok.encode(s, add_special_tokens=False) for s in starts],
+                           SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True))
+    out.write_text("\n".join(s + tok.decode(o) for s, o in zip(starts, outs)))
+    return out
+
+
 def section_speculative(tmp: Path, steps: int, quick: bool) -> dict:
     from llmkit.jobs.artifacts import load_artifacts
     train_char_model(tmp / "target", 128 if quick else 256, 2 if quick else 6, 4, steps)
-    train_char_model(tmp / "draft", 64 if quick else 128, 1 if quick else 2, 2, steps)
-    target_art, draft_art = load_artifacts(tmp / "target" / "model"), load_artifacts(tmp / "draft" / "model")
-    target, draft, tok = target_art.model.eval(), draft_art.model.eval(), target_art.tokenizer
+    target_art = load_artifacts(tmp / "target" / "model")
+    target, tok = target_art.model.eval(), target_art.tokenizer
+    start = time.perf_counter()
+    text = distillation_text(target, tok, tmp / "distill.txt", 32 if quick else 256, 64 if quick else 384)
+    distill_s = time.perf_counter() - start
+    train_char_model(tmp / "draft", 64 if quick else 128, 1 if quick else 2, 2, steps, source=text,
+                     tokenizer=str(tmp / "target" / "model"))
+    draft = load_artifacts(tmp / "draft" / "model").model.eval()
     count = lambda m: sum(p.numel() for p in m.parameters())                                     # noqa: E731
     starts = ["ROMEO:\nI will", "First Citizen:\nWe are", "KING RICHARD III:\nNow is the", "JULIET:\nO, "]
     prompts = [tok.encode(s, add_special_tokens=False) for s in starts]
     n = 64 if quick else 256
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    engines = {"plain": Engine(target), "draft (gamma 4)": Engine(target, speculative=draft, num_speculative_tokens=4),
-               "prompt lookup (gamma 4)": Engine(target, speculative="ngram", num_speculative_tokens=4)}
-    outs, times, accept = {}, {}, {}
+    engines = {"plain": Engine(target), "draft (gamma 2)": Engine(target, speculative=draft, num_speculative_tokens=2),
+               "draft (gamma 4)": Engine(target, speculative=draft, num_speculative_tokens=4),
+               "prompt lookup (gamma 4)": Engine(target, speculative="ngram", num_speculative_tokens=4),
+               "plain, compile": Engine(target, compile=True)}
+    outs, times, accept, warm = {}, {}, {}, {}
     for name, engine in engines.items():
-        engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0))               # warm-up
+        start = time.perf_counter()
+        engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0))               # warm-up / compile
+        warm[name] = time.perf_counter() - start
         engine.stats["spec_calls"].clear()
         start = time.perf_counter()
         outs[name] = [engine.generate([p], params)[0] for p in prompts]                           # one at a time
@@ -247,8 +272,9 @@ def section_speculative(tmp: Path, steps: int, quick: bool) -> dict:
         accept[name] = engine.speculation_summary()
     identical = all(o == outs["plain"] for o in outs.values())
     sample = tok.decode(outs["plain"][0][:80])
-    return {"params": (count(target), count(draft)), "n": n, "times": times, "accept": accept,
-            "identical": identical, "sample": sample, "steps": steps}
+    return {"params": (count(target), count(draft)), "n": n, "times": times, "accept": accept, "warm": warm,
+            "identical": identical, "sample": sample, "steps": steps, "distill_s": distill_s,
+            "distill_chars": len(text.read_text())}
 
 
 def section_llama_cpp(ours, python: str, tmp: Path, repeats: int, quick: bool) -> dict:
@@ -319,14 +345,15 @@ def render(args, model_diff, b1, cc, pc, sp, lc) -> str:
               f"TTFT speed-up from prefix caching: {pc['med'][False] / pc['med'][True]:.2f}x.\n",
               f"## 4. Speculative decoding (target {sp['params'][0] / 1e6:.2f}M, draft {sp['params'][1] / 1e6:.2f}M "
               f"parameters = {sp['params'][0] / sp['params'][1]:.1f}x smaller; both trained {sp['steps']} steps on "
-              f"tinyshakespeare characters)\n",
+              f"tinyshakespeare characters; the draft on {sp['distill_chars']:,} characters of the target's own "
+              f"samples, generated on the engine in {sp['distill_s']:.0f} s: sequence-level distillation)\n",
               f"4 prompts one at a time, {sp['n']} greedy tokens each. Outputs identical to plain decoding: "
               f"{sp['identical']}. Sample: `{sp['sample']!r}`\n",
-              "| proposer | wall s | speed-up | acceptance |", "|---|---|---|---|"]
+              "| proposer | wall s | speed-up | acceptance | warm-up s (compile) |", "|---|---|---|---|---|"]
     for k, t in sp["times"].items():
         a = sp["accept"][k]
         acc = "-" if not a.get("calls") else f"{100 * a['acceptance']:.0f}%"
-        lines.append(f"| {k} | {t:.2f} | {sp['times']['plain'] / t:.2f}x | {acc} |")
+        lines.append(f"| {k} | {t:.2f} | {sp['times']['plain'] / t:.2f}x | {acc} | {sp['warm'][k]:.1f} |")
     lines += ["", "Acceptance = drafts kept / drafts proposed; α = kept / (kept + rejections), the per-token rate "
                   "of the geometric model; tokens per target call measured against (1 − α^{γ+1}) / (1 − α) summed "
                   "over the calls' own γ (cut near max_tokens).\n",

@@ -113,7 +113,8 @@ class Engine:
         a compiled copy of the forward that leaves `model` as it is (the first such steps pay the
         compile time). Measured on 2 CPU cores (benchmarks/results/engine.md): ~1.5x faster at batch
         1, but 1.3-2x slower per step than eager once several sequences of mixed lengths decode
-        together, so every other step (prefills, batches, multi-LoRA, the draft model) stays eager."""
+        together, so every other step (prefills, batches, multi-LoRA, speculative verification and
+        the draft model) stays eager."""
         config = getattr(model, "config", None)
         if config is None or getattr(model, "transformer", None) is None or config.is_encoder_decoder \
                 or not config.causal or not hasattr(model, "lm_head"):
@@ -129,7 +130,7 @@ class Engine:
                              "engine does not run; merge another adapter kind or use llmkit.generate")
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.lora = LoraBank(model, adapters) if adapters else None
-        self._compiled = torch.compile(model, dynamic=True) if compile else None
+        self._compiled = {id(model): torch.compile(model, dynamic=True)} if compile else {}
         self.max_model_len = max_model_len or config.max_seq_len
         if num_blocks is None:
             tokens = max(self.max_model_len, min(max_num_seqs * self.max_model_len, 16384))
@@ -268,8 +269,8 @@ class Engine:
         # every token sampled (a pure decode step): all N logits, no boolean gather
         index = None if all(flags) else torch.tensor([flags], dtype=torch.bool, device=dev)   # (1, N)
         run = model
-        if self._compiled is not None and model is self.model and self.lora is None and len(ids) == 1:
-            run = self._compiled                                         # one sequence decoding
+        if len(ids) == 1 and id(model) in self._compiled and (self.lora is None or model is not self.model):
+            run = self._compiled[id(model)]                              # one sequence decoding
         attn = model.transformer.layers[0].self_attn
         batch = PagedBatch(kv, [self.pool.requests[row[0].seq_id].table for row in rows],
                            [row[1] for row in rows], [len(row[2]) for row in rows], heads=attn.n_heads,
