@@ -247,3 +247,15 @@ def test_a_fixed_kv_budget_holds_more_sequences_than_contiguous_caches():
     out = engine.generate(prompts([5] * 8, seed=3), SamplingParams(max_tokens=8, temperature=0))
     assert contiguous == 2 and engine.stats["max_running"] == 8 and all(len(o) == 8 for o in out)
     assert engine.kv_blocks_in_use == 0
+
+
+def test_batched_warping_equals_each_rows_own_warping():
+    from llmkit.infer.sampler import warped_probs, warped_probs_rows
+    z = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    ps = [SamplingParams(temperature=t, top_k=k, top_p=p)
+          for t, k, p in [(1.0, None, 1.0), (0.7, 5, 1.0), (1.3, None, 0.8), (0.5, 3, 0.5), (1.0, 50, 0.999)]]
+    rows = warped_probs_rows(z, torch.tensor([p.temperature for p in ps]), torch.tensor([p.top_k or 50 for p in ps]),
+                             torch.tensor([p.top_p for p in ps]))
+    for i, p in enumerate(ps):
+        torch.testing.assert_close(rows[i], warped_probs(z[i], p), atol=1e-7, rtol=0)
+    assert [int((r > 0).sum()) for r in rows] == [50, 5, 29, 2, 50]

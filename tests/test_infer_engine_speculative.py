@@ -45,11 +45,12 @@ def test_sampled_speculation_follows_the_target_distribution(draft):
         target.lm_head.weight.mul_(8)
         small.lm_head.weight.mul_(8)
     prompt = [1, 2, 3, 1, 2]                             # prompt lookup proposes 3, then 1 (after "1 2")
-    n, requests = 500, 8
+    n, requests = 500, 20                                 # 10^4 samples
     engine = Engine(target, speculative=small if draft == "small" else "ngram", num_speculative_tokens=2,
                     max_num_seqs=n * requests, max_num_batched_tokens=4 * n * requests, seed=0)
     outs = engine.generate([prompt] * requests, SamplingParams(max_tokens=3, temperature=1.0, n=n))
-    pairs = torch.tensor([s[:2] for o in outs for s in o])                          # (4000, 2)
+    pairs = torch.tensor([s[:2] for o in outs for s in o])                          # (10000, 2)
+    assert len(pairs) == 10_000
     counts = torch.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V).double()
     with torch.no_grad():                                # the exact joint law p(t1) p(t2 | t1)
         p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1).double()

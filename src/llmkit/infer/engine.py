@@ -47,7 +47,7 @@ from .blocks import BlockPool, KVBudgetError
 from .multi_lora import LoraBank
 from .params import ParamsArg, SamplingParams
 from .paged import PagedKV
-from .sampler import sample
+from .sampler import sample, warp_for
 from .speculate import build_proposer, verify
 from .scheduler import Scheduler, Sequence
 
@@ -287,6 +287,24 @@ class Engine:
             out = run(input_ids, position_ids=position_ids, cache=batch, logits_index=index)
         return out.logits if index is not None else out.logits[0]                  # (S, V)
 
+    def _warp_verified(self, scheduled, proposals, logits) -> dict[int, torch.Tensor]:
+        """The target's warped distributions for every sampled sequence with a draft, in one call:
+        {seq_id: (γ+1, V)} (greedy ones need none)."""
+        rows, params, spans, at = [], [], {}, 0
+        for item in scheduled:
+            if not item.samples:
+                continue
+            draft = proposals.get(item.seq.seq_id, ([], None))[0]
+            if draft and not item.seq.params.greedy:
+                spans[item.seq.seq_id] = (len(rows), len(rows) + len(draft) + 1)
+                rows += range(at, at + len(draft) + 1)
+                params += [item.seq.params] * (len(draft) + 1)
+            at += len(draft) + 1
+        if not rows:
+            return {}
+        p = warp_for(logits[rows], params)                                          # (Σ γ+1, V)
+        return {sid: p[a:b] for sid, (a, b) in spans.items()}
+
     def _gammas(self, scheduled) -> dict[int, int]:
         """Draft lengths for the decoding sequences that can speculate this step (slots reserved)."""
         gammas = {}
@@ -325,6 +343,7 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.scheduler.running))
         plain, plain_logits, emitted, at = [], [], {}, 0
+        warped = self._warp_verified(scheduled, proposals, logits)
         for item in scheduled:
             seq = item.seq
             if seq.num_computed < len(seq.prompt):
@@ -334,7 +353,7 @@ class Engine:
                 continue
             draft, q = proposals.get(seq.seq_id, ([], None))
             if draft:
-                n_acc, nxt = verify(logits[at:at + len(draft) + 1], draft, q, seq)
+                n_acc, nxt = verify(logits[at:at + len(draft) + 1], draft, q, seq, warped.get(seq.seq_id))
                 seq.num_computed += n_acc                       # the accepted drafts' KV is written
                 emitted[seq.seq_id] = draft[:n_acc] + [nxt]
                 self.stats["spec_proposed"] += len(draft)

@@ -42,27 +42,69 @@ def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict:
     return entry
 
 
+def warped_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
+    """`warped_probs` for S rows at once, each with its own values: logits (S, V), temperature,
+    top_k (V = no limit) and top_p (S,) -> probabilities (S, V). The same rules as
+    generation.apply_top_k / apply_top_p: ties with the k-th logit are kept; a token survives top-p
+    iff the probability mass strictly before it (sorted) is < p, and the most likely always does."""
+    z = logits.float() / temperature[:, None]                                                 # (S, V)
+    sorted_z = z.sort(dim=-1, descending=True).values
+    kth = sorted_z.gather(1, (top_k - 1)[:, None])                                            # (S, 1)
+    z = z.masked_fill(z < kth, float("-inf"))
+    sorted_z, order = z.sort(dim=-1, descending=True)
+    probs = sorted_z.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]                                       # (S, V) sorted
+    drop[:, 0] = False
+    drop &= (top_p < 1)[:, None]                                                              # p = 1: keep all
+    z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return z.softmax(-1)
+
+
+def warp_for(logits: torch.Tensor, params: Seq) -> torch.Tensor:
+    """`warped_probs_rows` with row r warped by params[r] (SamplingParams): (S, V) -> (S, V)."""
+    V, dev = logits.shape[-1], logits.device
+    return warped_probs_rows(logits, torch.tensor([p.temperature for p in params], device=dev),
+                             torch.tensor([p.top_k or V for p in params], device=dev).clamp(max=V),
+                             torch.tensor([p.top_p for p in params], device=dev))
+
+
+def draw(probs: torch.Tensor, generators: Seq[torch.Generator]) -> list[int]:
+    """One token per row of probs (S, V), by inverse CDF on one uniform from each row's generator."""
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], device=probs.device)
+    cdf = probs.cumsum(-1)                                                                     # (S, V)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+    return picked.clamp(max=probs.shape[-1] - 1).tolist()
+
+
 def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[Optional[dict]]]:
-    """logits (R, V), one row per sequence in `seqs` -> (next token per row, logprob entry or None)."""
+    """logits (R, V), one row per sequence in `seqs` -> (next token per row, logprob entry or None).
+
+    Sampled rows are warped together (`warped_probs_rows`) and drawn by inverse CDF with one
+    uniform from each sequence's own generator, so a seeded sequence draws the same token whatever
+    shares the batch; the penalties run per row (they read each row's history)."""
     logits = logits.float()
+    R, V = logits.shape
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None             # (R, V)
-    greedy = logits.argmax(dim=-1).tolist()                                            # (R,)
-    tokens, entries = [], []
-    for r, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy and not p.penalised:
-            token = greedy[r]
-        else:
+    tokens = logits.argmax(dim=-1).tolist()                                            # greedy (R,)
+    penalised = [r for r, s in enumerate(seqs) if s.params.penalised]
+    if penalised:
+        logits = logits.clone()
+        for r in penalised:
+            seq, p = seqs[r], seqs[r].params
             row = logits[r]                                                            # (V,)
             if p.repetition_penalty != 1.0:
                 ids = torch.tensor([seq.tokens], device=row.device)
                 row = apply_repetition_penalty(row[None], ids, p.repetition_penalty)[0]
-            row = apply_presence_frequency(row, seq.output, p.presence_penalty, p.frequency_penalty)
+            logits[r] = apply_presence_frequency(row, seq.output, p.presence_penalty, p.frequency_penalty)
             if p.greedy:
-                token = int(row.argmax())
-            else:
-                token = int(torch.multinomial(warped_probs(row, p), 1, generator=seq.generator))
-        tokens.append(token)
-        entries.append(top_logprobs(raw[r], token, p.logprobs) if want_logprobs[r] else None)
+                tokens[r] = int(logits[r].argmax())
+    drawn = [r for r, s in enumerate(seqs) if not s.params.greedy]
+    if drawn:
+        probs = warp_for(logits[drawn], [seqs[r].params for r in drawn])              # (S, V)
+        for r, token in zip(drawn, draw(probs, [seqs[r].generator for r in drawn])):
+            tokens[r] = token
+    entries = [top_logprobs(raw[r], tokens[r], seqs[r].params.logprobs) if want_logprobs[r] else None
+               for r in range(R)]
     return tokens, entries

@@ -25,7 +25,7 @@ from .blocks import BlockPool
 from .params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)                             # identity: queues find a sequence by itself, not its fields
 class Sequence:
     """One sample of one request (a request with n > 1 has n of them)."""
     seq_id: int
@@ -69,7 +69,7 @@ class Scheduler:
         self.pool = pool
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}       # seq_id -> sequence, in admission order
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -77,9 +77,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """A finished or cancelled sequence: out of the queues, its blocks freed at once."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
+        if self.running.pop(seq.seq_id, None) is None and seq in self.waiting:
             self.waiting.remove(seq)
         self.pool.free_request(seq.seq_id)
 
@@ -87,7 +85,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq.seq_id]
         self.pool.free_request(seq.seq_id)
         seq.num_computed, seq.admitted = 0, False
         seq.preemptions += 1
@@ -103,19 +101,19 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out: list[Scheduled] = []
         preempted = False
-        for seq in list(self.running):
+        for seq in list(self.running.values()):
             if budget == 0:
                 break
-            if seq not in self.running:                  # preempted below for an earlier sequence
+            if seq.seq_id not in self.running:           # preempted below for an earlier sequence
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = next(reversed(self.running.values()))   # the most recently admitted
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-            if seq not in self.running:
+            if seq.seq_id not in self.running:
                 continue
             out.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
@@ -128,7 +126,7 @@ class Scheduler:
             if not seq.admitted and seq.preemptions == 0:
                 seq.num_cached = cached
             seq.num_computed, seq.admitted = cached, True
-            self.running.append(seq)
+            self.running[seq.seq_id] = seq
             n = min(seq.num_tokens - seq.num_computed, budget)
             out.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
             budget -= n

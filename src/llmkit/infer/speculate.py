@@ -27,17 +27,19 @@ from torch import nn
 
 from ..model.modes import eval_mode
 from .paged import PagedKV
-from .sampler import warped_probs
+from .sampler import draw, warp_for, warped_probs
 from .speculative import accept_draft, accept_greedy, ngram_propose
 
 
-def verify(logits: torch.Tensor, draft: list[int], q: Optional[torch.Tensor], seq) -> tuple[int, int]:
+def verify(logits: torch.Tensor, draft: list[int], q: Optional[torch.Tensor], seq,
+           p: Optional[torch.Tensor] = None) -> tuple[int, int]:
     """logits (γ+1, V) of the target at [last token, x_1 … x_γ]; q (γ, V) the draft's distribution
-    (None: a deterministic proposal, one-hot). Returns (drafts kept, the next token)."""
+    (None: a deterministic proposal, one-hot); p (γ+1, V) the target's warped distribution when
+    the caller has it already. Returns (drafts kept, the next token)."""
     x = torch.tensor(draft, dtype=torch.long)                                        # (γ,)
     if seq.params.greedy:
         return accept_greedy(logits, x)
-    p = warped_probs(logits, seq.params)                                             # (γ+1, V)
+    p = warped_probs(logits, seq.params) if p is None else p                        # (γ+1, V)
     if q is None:
         q = torch.nn.functional.one_hot(x, p.shape[-1]).float()                      # (γ, V)
     return accept_draft(p, q, x, seq.generator)
@@ -94,13 +96,14 @@ class DraftProposer:
         qs = {s.seq_id: [] for s in spec}
         logits = engine_run(engine, self.model, self.kv, rows)               # (len(spec), V)
         while True:
-            for seq, row in zip(spec, logits):
-                if seq.params.greedy:
-                    token = int(row.argmax())
-                else:
-                    q = warped_probs(row, seq.params)                                # (V,)
-                    token = int(torch.multinomial(q, 1, generator=seq.generator))
-                    qs[seq.seq_id].append(q)
+            tokens = logits.argmax(-1).tolist()                                      # greedy drafts
+            sampled = [i for i, s in enumerate(spec) if not s.params.greedy]
+            if sampled:                                                              # all rows warped at once
+                q = warp_for(logits[sampled], [spec[i].params for i in sampled])     # (S, V)
+                for j, (i, token) in enumerate(zip(sampled, draw(q, [spec[i].generator for i in sampled]))):
+                    tokens[i] = token
+                    qs[spec[i].seq_id].append(q[j])
+            for seq, token in zip(spec, tokens):
                 drafts[seq.seq_id].append(token)
             spec = [s for s in spec if len(drafts[s.seq_id]) < gammas[s.seq_id]]
             if not spec:
