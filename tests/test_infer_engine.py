@@ -259,3 +259,30 @@ def test_batched_warping_equals_each_rows_own_warping():
     for i, p in enumerate(ps):
         torch.testing.assert_close(rows[i], warped_probs(z[i], p), atol=1e-7, rtol=0)
     assert [int((r > 0).sum()) for r in rows] == [50, 5, 29, 2, 50]
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone_and_metrics_count_it():
+    tok = llmkit.tokenizer.train_char(texts=["abcdefgh xyz"])
+    torch.manual_seed(0)
+    model = llmkit.build_model(llmkit.get_preset("llama-tiny", vocab_size=tok.vocab_size)).eval()
+
+    class Fragile:                               # a detokenizer that breaks on one request's text
+        def decode(self, ids):
+            if ids and ids[0] == poison:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+            return tok.decode(ids)
+    good = tok.encode("abc")
+    clean = Engine(model, tokenizer=tok).generate([good], GREEDY)[0]
+    engine = Engine(model, tokenizer=Fragile())
+    first = Engine(model).generate([tok.encode("xyz")], SamplingParams(max_tokens=1, temperature=0))[0][0]
+    poison = first
+    bad_id = engine.add_request(tok.encode("xyz"), GREEDY)
+    good_id = engine.add_request(good, GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    bad, ok = engine.output(bad_id).outputs[0], engine.output(good_id).outputs[0]
+    assert bad.finish_reason == "error" and "UnicodeDecodeError" in bad.error and len(bad.token_ids) == 1
+    assert ok.token_ids == clean and ok.finish_reason == "length"
+    m = engine.metrics()
+    assert m["errors"] == 1 and m["running"] == m["waiting"] == m["kv_blocks_in_use"] == 0
+    assert m["generated_tokens"] == 1 + len(clean)

@@ -21,6 +21,9 @@ The interface:
   `step()` itself when it has nothing buffered, and it may be read after the request finished
   (it then yields what is left). Other requests advance in the same steps.
 - `cancel(request_id)`: ends the request ("abort") and frees its KV blocks at once.
+- A request whose own post-processing raises (its detokenizing, its stop strings) ends with
+  finish_reason "error" and the message in `CompletionOutput.error`; the others go on.
+- `metrics()`: running / waiting sequences, KV usage, prefix-cache hit rate, token counts.
 - `has_unfinished()`: any request waiting or running.
 - `kv_blocks_in_use`: KV blocks held by live requests (freed prefix-cache blocks do not count);
   back at 0 once every request has finished or been cancelled.
@@ -59,7 +62,8 @@ class CompletionOutput:
     new_token_ids: list[int]
     text: Optional[str] = None                   # with a tokenizer: the decoded output, cut at a stop string
     logprobs: Optional[list[dict]] = None        # per token: {"token", "logprob", "top": [(id, lp), ...]}
-    finish_reason: Optional[str] = None          # "stop" | "length" | "abort" | None while running
+    finish_reason: Optional[str] = None          # "stop" | "length" | "abort" | "error" | None while running
+    error: Optional[str] = None                  # with finish_reason "error": what failed
 
 
 @dataclass
@@ -150,7 +154,7 @@ class Engine:
         eos = config.eos_token_id
         self.eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         self.stats = {"steps": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                      "spec_proposed": 0, "spec_accepted": 0, "max_running": 0,
+                      "spec_proposed": 0, "spec_accepted": 0, "max_running": 0, "errors": 0,
                       # verification calls counted by (draft length γ, drafts kept): what the
                       # acceptance rate and the tokens per target call are computed from
                       "spec_calls": collections.Counter(),
@@ -252,7 +256,8 @@ class Engine:
         req = self._request(request_id)
         outs = [CompletionOutput(s.index, list(s.output), (new or {}).get(s.index, []),
                                  s.text if self.tokenizer is not None else None,
-                                 list(s.logprobs) if s.params.logprobs is not None else None, s.finish_reason)
+                                 list(s.logprobs) if s.params.logprobs is not None else None, s.finish_reason,
+                                 s.error)
                 for s in req.seqs]
         return RequestOutput(request_id, list(req.prompt), outs, req.finished, req.seqs[0].num_cached)
 
@@ -375,8 +380,11 @@ class Engine:
                 self.proposer.settle(seq)
             for token in emitted.get(seq.seq_id, []):
                 token, entry = token if isinstance(token, tuple) else (token, None)
-                self._append(seq, token, entry)
                 new.setdefault(seq.request_id, {}).setdefault(seq.index, []).append(token)
+                try:
+                    self._append(seq, token, entry)
+                except Exception as exc:          # this request's own post-processing (e.g. its detokenizing)
+                    self._fail(seq, exc)          # fails it alone; the batch goes on
                 if seq.finished:
                     break
         outputs = [self.output(rid, tokens_by_index) for rid, tokens_by_index in new.items()]
@@ -407,6 +415,21 @@ class Engine:
             seq.finish_reason = "length"
         if seq.finished:
             self.scheduler.remove(seq)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        seq.finish_reason, seq.error = "error", f"{type(exc).__name__}: {exc}"
+        self.stats["errors"] += 1
+        self.scheduler.remove(seq)
+
+    def metrics(self) -> dict:
+        """A snapshot for monitoring (a server's /metrics): queue sizes, KV usage, token counts."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_in_use": self.kv_blocks_in_use, "kv_blocks_total": self.pool.num_blocks,
+                "kv_usage": self.kv_blocks_in_use / self.pool.num_blocks,
+                "prefix_cache_hit_rate": self.pool.hits / self.pool.queries if self.pool.queries else 0.0,
+                "preemptions": self.scheduler.num_preemptions,
+                **{k: self.stats[k] for k in ("steps", "prompt_tokens", "cached_tokens", "generated_tokens",
+                                              "errors")}}
 
     # ---- conveniences ----------------------------------------------------------------------------
     def speculation_summary(self) -> dict:

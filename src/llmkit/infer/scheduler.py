@@ -40,6 +40,7 @@ class Sequence:
     num_computed: int = 0                        # tokens whose keys and values are in the cache
     num_cached: int = 0                          # prompt tokens served by the prefix cache (first admission)
     finish_reason: Optional[str] = None
+    error: Optional[str] = None
     text: str = ""
     preemptions: int = 0
     admitted: bool = False
