@@ -36,7 +36,7 @@ def ranks(tmp_path_factory) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMKIT_NO_PROGRESS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return torch.load(out / "tp.pt", weights_only=False)
+    return torch.load(out / "tp.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("name", sorted(tp_worker.MODELS))
@@ -76,7 +76,7 @@ def test_each_rank_holds_its_slice_and_one_all_reduce_per_sublayer(ranks, name):
         torch.testing.assert_close(local["q_proj"], q[rank * rows:(rank + 1) * rows], atol=0, rtol=0)
         assert local["heads"] == [(config.n_heads // WORLD, config.kv_heads // WORLD)] * config.n_layers
         h = config.n_heads // WORLD
-        assert local["query_heads"] == slice(rank * h, (rank + 1) * h)
+        assert local["query_heads"] == (rank * h, (rank + 1) * h)        # the slice, saved as (start, stop)
         for pname, shape in local["shapes"].items():
             whole = tuple(full[pname].shape)
             leaf = pname.split(".")[-2]

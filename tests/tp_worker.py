@@ -70,7 +70,7 @@ def check_shards(model, ctx) -> dict:
     local = {"shapes": {name: tuple(local_shard(p).shape) for name, p in model.named_parameters()},
              "q_proj": local_shard(model.transformer.layers[0].self_attn.q_proj.weight).detach().clone(),
              "heads": [(b.self_attn.n_heads, b.self_attn.n_kv_heads) for b in model.transformer.layers],
-             "query_heads": query_head_slice(model)}
+             "query_heads": (query_head_slice(model).start, query_head_slice(model).stop)}
     gathered = [None] * ctx["world_size"]
     dist.all_gather_object(gathered, local)
     comm = CommDebugMode()

@@ -90,9 +90,14 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def apply_top_k(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+def apply_top_k(logits: torch.Tensor, k) -> torch.Tensor:
     """Top-k sampling (Fan et al., 2018): keep the k largest logits per row (ties with the k-th
-    are kept), set the rest to -inf."""
+    are kept), set the rest to -inf. k: an int for every row, or a (B,) LongTensor, one per row
+    (values >= V keep the whole row)."""
+    if isinstance(k, torch.Tensor):
+        k = k.clamp(max=logits.shape[-1])
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])   # (B, 1)
+        return logits.masked_fill(logits < kth, float("-inf"))
     if k is None or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]                             # (B, 1)
@@ -102,13 +107,17 @@ def apply_top_k(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, p: Optional[float]) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al., 2020): keep the smallest set of most likely tokens whose
     cumulative probability is >= p, i.e. token i (sorted by probability) survives iff the mass
-    strictly before it is < p. The most likely token always survives; the rest become -inf."""
-    if p is None or p >= 1.0:
+    strictly before it is < p. The most likely token always survives; the rest become -inf.
+    p: a float for every row, or a (B,) tensor, one per row (rows with p >= 1 keep everything)."""
+    per_row = isinstance(p, torch.Tensor)
+    if not per_row and (p is None or p >= 1.0):
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)               # (B, V)
     probs = sorted_logits.float().softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs                                       # (B, V)
-    drop_sorted = mass_before >= p
+    drop_sorted = mass_before >= (p[:, None] if per_row else p)
+    if per_row:
+        drop_sorted &= (p < 1)[:, None]
     drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)                               # back to vocab order
     return logits.masked_fill(drop, float("-inf"))

@@ -45,27 +45,17 @@ def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict:
 def warped_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                      top_p: torch.Tensor) -> torch.Tensor:
     """`warped_probs` for S rows at once, each with its own values: logits (S, V), temperature,
-    top_k (V = no limit) and top_p (S,) -> probabilities (S, V). The same rules as
-    generation.apply_top_k / apply_top_p: ties with the k-th logit are kept; a token survives top-p
-    iff the probability mass strictly before it (sorted) is < p, and the most likely always does."""
+    top_k (V = no limit) and top_p (S,) -> probabilities (S, V), through generation's per-row
+    apply_top_k / apply_top_p (the same rules as for one row)."""
     z = logits.float() / temperature[:, None]                                                 # (S, V)
-    sorted_z = z.sort(dim=-1, descending=True).values
-    kth = sorted_z.gather(1, (top_k - 1)[:, None])                                            # (S, 1)
-    z = z.masked_fill(z < kth, float("-inf"))
-    sorted_z, order = z.sort(dim=-1, descending=True)
-    probs = sorted_z.softmax(-1)
-    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]                                       # (S, V) sorted
-    drop[:, 0] = False
-    drop &= (top_p < 1)[:, None]                                                              # p = 1: keep all
-    z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return z.softmax(-1)
+    return apply_top_p(apply_top_k(z, top_k), top_p).softmax(-1)
 
 
 def warp_for(logits: torch.Tensor, params: Seq) -> torch.Tensor:
     """`warped_probs_rows` with row r warped by params[r] (SamplingParams): (S, V) -> (S, V)."""
     V, dev = logits.shape[-1], logits.device
     return warped_probs_rows(logits, torch.tensor([p.temperature for p in params], device=dev),
-                             torch.tensor([p.top_k or V for p in params], device=dev).clamp(max=V),
+                             torch.tensor([p.top_k or V for p in params], device=dev),
                              torch.tensor([p.top_p for p in params], device=dev))
 
 
