@@ -127,6 +127,11 @@ def _align_schema():
     return AlignRecipe
 
 
+def _serve_schema():
+    from .serve.job import ServeRecipe
+    return ServeRecipe
+
+
 def _eval_schema():
     from .finetune.eval_job import EvalRecipe
     return EvalRecipe
@@ -142,6 +147,7 @@ COMMANDS = {
     "align": ("alignment: method=rm | dpo | ipo | kto | orpo | ppo | cai (see recipes/align_*.yaml)",
               _align_schema),
     "generate": ("generate text from a checkpoint", lambda: GenerateRecipe),
+    "serve": ("an OpenAI-compatible HTTP server over the inference engine (FastAPI + uvicorn)", _serve_schema),
     "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),
     "demo": ("the end-to-end demo on synthetic data, on a CPU", lambda: DemoRecipe),
 }
@@ -231,6 +237,11 @@ def run_generate_command(data: dict) -> None:
     run_generate(job)
 
 
+def run_serve_command(data: dict) -> None:
+    from .serve.job import ServeRecipe, run_serve
+    run_serve(build(ServeRecipe, data))
+
+
 def run_convert_command(data: dict) -> None:
     from .io import load_any, save_hf, save_llmkit
     job = build(ConvertRecipe, data)
@@ -249,7 +260,7 @@ def run_demo_command(data: dict) -> None:
 
 RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
            "tune": run_tune_command, "align": run_align_command, "generate": run_generate_command,
-           "convert": run_convert_command, "demo": run_demo_command}
+           "serve": run_serve_command, "convert": run_convert_command, "demo": run_demo_command}
 
 
 if __name__ == "__main__":
