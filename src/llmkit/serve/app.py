@@ -115,12 +115,17 @@ class _Run:
     async def events(self, request: Request):
         """(engine id, RequestOutput | EngineError) until every engine request ended; ClientGone if the
         client disconnects meanwhile."""
+        checked = time.monotonic()
         while self.open:
             try:
                 rid, item = await asyncio.wait_for(self.queue.get(), self.state.poll_s)
             except asyncio.TimeoutError:
+                rid = item = None
+            if time.monotonic() - checked >= self.state.poll_s:      # by the clock: outputs may never pause
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     raise ClientGone()
+            if item is None:
                 continue
             if isinstance(item, Exception) or item.finished:
                 self.open.discard(rid)
@@ -282,8 +287,8 @@ async def _respond(run: _Run, request: Request, stream: bool, echo: bool, includ
             if isinstance(item, Exception):
                 raise _failure(item)
             message = _choice_error(item)
-            if message is not None:
-                raise APIError(500, message)
+            if message is not None:               # this request's own failure: a retry would fail again
+                raise APIError(500, message, retry=False)
     except ClientGone:
         return PlainTextResponse("", status_code=499)         # nobody reads it; nginx's "client closed"
     finally:
