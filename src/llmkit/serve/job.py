@@ -46,8 +46,6 @@ class ServeRecipe:
     log_level: str = "warning"           # uvicorn's: critical | error | warning | info | debug
 
     def __post_init__(self):
-        if not Path(self.model).is_dir():
-            raise ValueError(f"model={self.model!r}: no such folder (expected a checkpoint with its tokenizer)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_pending"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
