@@ -21,13 +21,15 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}|{% end
 KEY = "sk-test"
 
 
-def make_checkpoint(folder, seed: int = 0):
-    """A random llama-tiny (256 tokens of context) with a character tokenizer and a chat template."""
+def make_checkpoint(folder, seed: int = 0, text: str = TEXT):
+    """A random llama-tiny (256 tokens of context) with a character tokenizer (over `text`) and a chat
+    template."""
     import torch
-    tokenizer = train_char(texts=[TEXT + ":|"], special_tokens=("<pad>", "<|endoftext|>"), pad_token="<pad>")
+    tokenizer = train_char(texts=[text + ":|"], special_tokens=("<pad>", "<|endoftext|>"), pad_token="<pad>")
     tokenizer.chat_template = TEMPLATE
     torch.manual_seed(seed)
-    llmkit.save_hf(llmkit.build_model(llmkit.get_preset("llama-tiny", vocab_size=tokenizer.vocab_size)), folder)
+    config = llmkit.get_preset("llama-tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)
+    llmkit.save_hf(llmkit.build_model(config), folder)
     tokenizer.save(folder)
     return folder
 

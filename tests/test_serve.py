@@ -152,7 +152,7 @@ def test_errors_map_to_the_client_exceptions(api, served):
         api.completions.create(model="tiny", prompt=PROMPT, max_tokens=1000)
     assert e.value.param == "max_tokens" and "maximum context length is 256" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
-        api.chat.completions.create(model="tiny", messages=MESSAGES, response_format={"type": "json_object"})
+        api.chat.completions.create(model="tiny", messages=MESSAGES, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
     assert e.value.param == "response_format"
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])

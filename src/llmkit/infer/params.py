@@ -11,7 +11,8 @@ Per step, the logits of a sequence go through (in this order):
                                     c_v = count of v in the output so far
     temperature, top-k, top-p    as in llmkit.generation (skipped when temperature == 0)
 
-then an argmax (temperature 0) or a draw from the request's own seeded generator, so a seeded
+then, with `allowed_tokens`, every token outside its mask set to -inf (constrained decoding: JSON
+mode, infer/json_mode.py), then an argmax (temperature 0) or a draw from the request's own seeded generator, so a seeded
 request gives the same tokens whatever else shares its batches. `logprobs=k` returns the chosen
 token's log-probability and the k most likely tokens', from the model's raw distribution
 (log_softmax of the logits before any processor, as vLLM does by default).
@@ -19,7 +20,7 @@ token's log-probability and the k most likely tokens', from the model's raw dist
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 
 def _is_int(v) -> bool:
@@ -56,6 +57,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    allowed_tokens: Optional[Callable] = None   # output ids -> (V,) bool mask of the tokens allowed next (json_mode.py)
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -91,6 +93,8 @@ class SamplingParams:
                 fail(name, "a number in [-2, 2]")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail("repetition_penalty", "a number > 0 (1.0 = no penalty)")
+        if self.allowed_tokens is not None and not callable(self.allowed_tokens):
+            fail("allowed_tokens", "None or a callable: output ids -> (V,) bool mask")
 
     @property
     def greedy(self) -> bool:
@@ -98,7 +102,10 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Anything that reads the sequence's own history per step (penalties, a token constraint):
+        such rows are processed one by one and never speculate."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.allowed_tokens is not None)
 
 
 ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]

@@ -87,7 +87,10 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[O
             if p.repetition_penalty != 1.0:
                 ids = torch.tensor([seq.tokens], device=row.device)
                 row = apply_repetition_penalty(row[None], ids, p.repetition_penalty)[0]
-            logits[r] = apply_presence_frequency(row, seq.output, p.presence_penalty, p.frequency_penalty)
+            row = apply_presence_frequency(row, seq.output, p.presence_penalty, p.frequency_penalty)
+            if p.allowed_tokens is not None:                                           # constrained decoding
+                row = row.masked_fill(~p.allowed_tokens(seq.output).to(row.device), float("-inf"))
+            logits[r] = row
             if p.greedy:
                 tokens[r] = int(logits[r].argmax())
     drawn = [r for r, s in enumerate(seqs) if not s.params.greedy]

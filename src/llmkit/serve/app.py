@@ -51,6 +51,7 @@ class ServerState:
     chat_template: Optional[str] = None      # overrides the tokenizer's
     created: int = field(default_factory=lambda: int(time.time()))
     poll_s: float = 0.2                      # how often a waiting non-streamed request checks its client
+    json_grammar: object = None              # infer.json_mode.JsonObject, built on the first JSON-mode request
 
     @property
     def max_model_len(self) -> int:
@@ -181,6 +182,21 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list
     return out
 
 
+def _json_constraint(state: ServerState, req):
+    """JSON mode: a JsonObject constraint for the request (one per prompt: it keeps its state)."""
+    fmt = getattr(req, "response_format", None)
+    if fmt is None or fmt.type != "json_object":
+        return None
+    if state.json_grammar is None:                  # built on first use: one decode per vocabulary entry
+        from ..infer.json_mode import JsonObject
+        engine = state.bridge.engine
+        try:
+            state.json_grammar = JsonObject(state.tokenizer, list(engine.eos_ids), engine.config.vocab_size)
+        except ValueError as exc:
+            raise bad_request("response_format", f"response_format json_object: {exc}") from exc
+    return state.json_grammar.constraint()
+
+
 def _params_for(state, req, prompts, requested, default, name, logprobs, param):
     """One SamplingParams per prompt (max_tokens is checked against each prompt's room)."""
     params = []
@@ -190,7 +206,7 @@ def _params_for(state, req, prompts, requested, default, name, logprobs, param):
                                      f"However, your {param} has {len(ids)} tokens. Expected at most "
                                      f"{state.max_model_len - 1}, leaving room for the completion.")
         budget = max_new_tokens(requested, len(ids), state.max_model_len, default, name)
-        params.append(sampling_params(req, budget, logprobs))
+        params.append(sampling_params(req, budget, logprobs, _json_constraint(state, req)))
     return params
 
 

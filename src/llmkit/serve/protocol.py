@@ -140,10 +140,9 @@ def check_chat(req: ChatCompletionRequest) -> None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise bad_request("top_logprobs", f"top_logprobs={req.top_logprobs!r}: expected an integer in "
                                               f"[0, {MAX_LOGPROBS}]")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request("response_format", f"response_format.type={req.response_format.type!r}: this server "
-                                             "has no constrained decoding, so it cannot guarantee JSON; "
-                                             "expected 'text' (or ask for JSON in the prompt)")
+    if req.response_format is not None and req.response_format.type not in ("text", "json_object"):
+        raise bad_request("response_format", f"response_format.type={req.response_format.type!r}: expected 'text' "
+                                             "or 'json_object' (JSON schemas are not supported)")
     if req.tools:
         raise bad_request("tools", "tools (function calling) are not supported by this server: expected none")
 
@@ -164,15 +163,16 @@ def max_new_tokens(requested: Optional[int], prompt_len: int, context: int, defa
     return requested
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
-    """The engine's SamplingParams for a checked request."""
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: Optional[int], allowed_tokens=None) -> SamplingParams:
+    """The engine's SamplingParams for a checked request (allowed_tokens: JSON mode's constraint)."""
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=None if req.top_k in (None, -1) else req.top_k,
             n=req.n, stop=req.stop or (), seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            allowed_tokens=allowed_tokens)
     except ValueError as exc:           # "SamplingParams.<field>=...": the field is the parameter
         message = str(exc)
         param = message.split("=", 1)[0].removeprefix("SamplingParams.") if message.startswith("SamplingParams.") \
