@@ -65,11 +65,29 @@ def engine_answer(folder, prompt_ids, **params):
 
 def sse_events(response) -> list:
     """The `data:` payloads of an SSE response (dicts, and the string "[DONE]")."""
+    return [p for p in map(sse_payload, response.iter_lines()) if p is not None]
+
+
+def sse_payload(line: str):
+    """The payload of one SSE line (a dict, or "[DONE]"), None for other lines."""
+    if not line.startswith("data: "):
+        return None
+    data = line[len("data: "):]
+    return data if data == "[DONE]" else json.loads(data)
+
+
+async def astream_events(client, path: str, body: dict, on_event=None) -> list:
+    """POST `body` with an httpx.AsyncClient and collect the stream's payloads (200 asserted);
+    `on_event()` runs after each."""
     events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
+    async with client.stream("POST", path, json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            payload = sse_payload(line)
+            if payload is not None:
+                events.append(payload)
+                if on_event is not None:
+                    on_event()
     return events
 
 

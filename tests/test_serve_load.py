@@ -4,7 +4,6 @@ request that raises inside the engine fails alone; a whole failed step fails its
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
@@ -12,7 +11,7 @@ import openai
 import pytest
 
 from llmkit.jobs.artifacts import load_artifacts
-from serve_util import KEY, auth, engine_answer, make_checkpoint, running_server, wait_until
+from serve_util import KEY, astream_events, auth, engine_answer, make_checkpoint, running_server, wait_until
 
 PROMPTS = ["the cat ", "a dog ", "xyz ", "on a mat", "0123", "far. ", "tac tac", "sat on "]
 
@@ -27,14 +26,7 @@ def served(tmp_path_factory):
 async def _stream_one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    events = []
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200
-        async for line in resp.aiter_lines():
-            if line.startswith("data: "):
-                data = line[6:]
-                events.append(data if data == "[DONE]" else json.loads(data))
-    return {"prompt": prompt, "events": events}
+    return {"prompt": prompt, "events": await astream_events(client, "/v1/completions", body)}
 
 
 def test_64_concurrent_streaming_clients_all_complete_and_well_formed(served):

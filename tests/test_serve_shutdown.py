@@ -4,7 +4,6 @@ with status 0 and refuses new work meanwhile."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from serve_util import make_checkpoint
+from serve_util import astream_events, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +38,9 @@ async def _load_then_sigterm(url: str, proc, clients: int = 6) -> list[list]:
     started = [asyncio.Event() for _ in range(clients)]
 
     async def one(client, i):
-        events = []
         body = {"model": "tiny", "prompt": "the cat ", "max_tokens": 200, "stream": True, "ignore_eos": True,
                 "seed": i}
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
-            assert resp.status_code == 200
-            async for line in resp.aiter_lines():
-                if line.startswith("data: "):
-                    data = line[6:]
-                    events.append(data if data == "[DONE]" else json.loads(data))
-                    started[i].set()
-        return events
+        return await astream_events(client, "/v1/completions", body, on_event=started[i].set)
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         tasks = [asyncio.create_task(one(client, i)) for i in range(clients)]
