@@ -4,6 +4,7 @@ request that raises inside the engine fails alone; a whole failed step fails its
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -189,3 +190,21 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(served, monkeyp
     wait_until(lambda: engine.kv_blocks_in_use == 0, what="blocks freed")
     metrics = httpx.get(url + "/metrics").text
     assert "llmkit_engine_step_failures_total 1" in metrics
+
+
+def test_llmkit_bench_serve_against_llmkit_serve(served, tmp_path, monkeypatch, capsys):
+    from llmkit.cli import main
+    folder, url, state = served
+    monkeypatch.setenv("LLMKIT_NO_PROGRESS", "1")
+    out, prompts = tmp_path / "bench.json", tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))   # short: the context is 256
+    assert main(["bench", "serve", f"url={url}", "num_requests=16", "concurrency=8", "max_tokens=8",
+                 f"api_key={KEY}", f"output={out}", "warmup=1", f"prompts={prompts}"]) == 0
+    printed = capsys.readouterr().out
+    assert "TTFT" in printed
+    result = json.loads(out.read_text())
+    summary = result["summary"] if "summary" in result else result
+    assert summary["completed"] == 16 and summary["failed"] == 0
+    assert all(r["output_tokens"] == 8 for r in result["requests"])     # ignore_eos honoured: exactly max_tokens
+    assert main(["bench", "serve", "url=http://127.0.0.1:9", "num_requests=1"]) == 2
+    assert "127.0.0.1:9" in capsys.readouterr().err

@@ -132,6 +132,11 @@ def _serve_schema():
     return ServeRecipe
 
 
+def _bench_schema():
+    from .benchmark.serving import BenchServeRecipe
+    return BenchServeRecipe
+
+
 def _eval_schema():
     from .finetune.eval_job import EvalRecipe
     return EvalRecipe
@@ -148,9 +153,13 @@ COMMANDS = {
               _align_schema),
     "generate": ("generate text from a checkpoint", lambda: GenerateRecipe),
     "serve": ("an OpenAI-compatible HTTP server over the inference engine (FastAPI + uvicorn)", _serve_schema),
+    "bench": ("benchmarks: `llmkit bench serve url=...` load-tests an OpenAI-compatible server", _bench_schema),
     "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),
     "demo": ("the end-to-end demo on synthetic data, on a CPU", lambda: DemoRecipe),
 }
+
+
+SUBJECTS = {"bench": ["serve"]}       # commands whose first word says what they act on
 
 
 def describe_keys(schema, prefix: str = "") -> list[str]:
@@ -177,7 +186,7 @@ def read_words(words: list[str], schema: Optional[type] = None) -> dict:
 KNOWN_ERRORS = ("llmkit.recipes.RecipeError", "llmkit.config.ConfigError", "llmkit.data.errors.DataError",
                 "llmkit.io.errors.CheckpointError", "llmkit.peft.errors.PeftError",
                 "llmkit.train.trainer.TrainingDiverged", "llmkit.finetune.search.SearchError",
-                "builtins.FileNotFoundError")
+                "llmkit.benchmark.serving.BenchServeError", "builtins.FileNotFoundError")
 
 
 def main(argv=None) -> int:
@@ -188,6 +197,8 @@ def main(argv=None) -> int:
         sub = commands.add_parser(name, help=summary, description=summary,
                                   epilog="keys (key=value, defaults shown):\n" + "\n".join(describe_keys(schema())),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name in SUBJECTS:                       # `llmkit bench serve ...`: what the command acts on
+            sub.add_argument("subject", choices=SUBJECTS[name])
         sub.add_argument("words", nargs="*", metavar="[recipe.yaml] [key=value ...]")
     args = parser.parse_args(argv)
     try:
@@ -242,6 +253,11 @@ def run_serve_command(data: dict) -> None:
     run_serve(build(ServeRecipe, data))
 
 
+def run_bench_command(data: dict) -> None:
+    from .benchmark.serving import BenchServeRecipe, run_bench_serve
+    run_bench_serve(build(BenchServeRecipe, data))
+
+
 def run_convert_command(data: dict) -> None:
     from .io import load_any, save_hf, save_llmkit
     job = build(ConvertRecipe, data)
@@ -260,7 +276,7 @@ def run_demo_command(data: dict) -> None:
 
 RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
            "tune": run_tune_command, "align": run_align_command, "generate": run_generate_command,
-           "serve": run_serve_command, "convert": run_convert_command, "demo": run_demo_command}
+           "serve": run_serve_command, "bench": run_bench_command, "convert": run_convert_command, "demo": run_demo_command}
 
 
 if __name__ == "__main__":
