@@ -37,7 +37,7 @@ class _Add:
     prompt: list[int]
     params: Any
     adapter: Optional[str]
-    deliver: Callable[[Any], None]          # thread-safe: puts (request_id, item) on the caller's queue
+    route: tuple                            # (the caller's event loop, its asyncio.Queue)
     acknowledge: Callable[[Optional[BaseException]], None]
 
 
@@ -59,12 +59,17 @@ class EngineError(Exception):
         self.status = status
 
 
+def _put_all(batch) -> None:
+    for queue_, item in batch:
+        queue_.put_nowait(item)
+
+
 class EngineBridge:
     def __init__(self, engine, *, max_pending: int = 128, rate_window_s: float = 10.0):
         self.engine = engine
         self.max_pending = max_pending
         self.commands: queue.Queue = queue.Queue()
-        self.routes: dict[str, Callable[[Any], None]] = {}     # engine thread only
+        self.routes: dict[str, tuple] = {}                     # engine thread only: id -> (loop, queue)
         self._pending = 0                                       # guarded by _lock
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,16 +114,13 @@ class EngineBridge:
         loop = asyncio.get_running_loop()
         ack: asyncio.Future = loop.create_future()
 
-        def deliver(item) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, (request_id, item))
-
         def acknowledge(exc: Optional[BaseException]) -> None:
             def settle():
                 if not ack.done():
                     ack.set_exception(exc) if exc is not None else ack.set_result(None)
             loop.call_soon_threadsafe(settle)
 
-        self.commands.put(_Add(request_id, prompt, params, adapter, deliver, acknowledge))
+        self.commands.put(_Add(request_id, prompt, params, adapter, (loop, outputs), acknowledge))
         try:
             await ack
         except asyncio.CancelledError:      # the client left before the engine took it
@@ -158,10 +160,8 @@ class EngineBridge:
                 self.step_failures += 1
                 self._fail_all(f"the engine failed while running this request ({type(exc).__name__}: {exc})")
                 continue
+            self._deliver([(out.request_id, out) for out in outputs])
             for out in outputs:
-                deliver = self.routes.get(out.request_id)
-                if deliver is not None:
-                    deliver(out)
                 if out.finished:
                     self._retire(out.request_id, [c.finish_reason for c in out.outputs])
             self._publish()
@@ -189,7 +189,7 @@ class EngineBridge:
                 self._release_slot()
                 command.acknowledge(exc)
                 return
-            self.routes[command.request_id] = command.deliver
+            self.routes[command.request_id] = command.route
             command.acknowledge(None)
         elif isinstance(command, _Cancel):
             if command.request_id in self.routes:
@@ -197,6 +197,17 @@ class EngineBridge:
                 self._retire(command.request_id, ["abort"], release=False)
         elif isinstance(command, _Drain):
             self._deadline = command.deadline
+
+    def _deliver(self, items) -> None:
+        """Hand (request id, output) pairs to their callers: one wake-up of each event loop per step,
+        not one per request (each wake-up is a syscall and a loop iteration, on the same 2 cores)."""
+        by_loop: dict = {}
+        for request_id, item in items:
+            route = self.routes.get(request_id)
+            if route is not None:
+                by_loop.setdefault(route[0], []).append((route[1], (request_id, item)))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _retire(self, request_id: str, reasons, release: bool = True) -> None:
         if release:
@@ -210,8 +221,8 @@ class EngineBridge:
             self._pending -= 1
 
     def _fail_all(self, message: str, status: int = 500) -> None:
-        for request_id, deliver in list(self.routes.items()):
-            deliver(EngineError(message, status))
+        self._deliver([(request_id, EngineError(message, status)) for request_id in self.routes])
+        for request_id in list(self.routes):
             self.engine.release(request_id)
             self._retire(request_id, ["error"], release=False)
 
