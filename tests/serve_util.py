@@ -40,6 +40,7 @@ def running_server(folder, **recipe):
     job = ServeRecipe(model=str(folder), port=0, **recipe)
     state = build_state(job)
     server = make_server(state, "127.0.0.1", 0, job.grace)
+    state.bridge.start()                       # the engine on a background thread (`llmkit serve`: the main one)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -118,8 +118,9 @@ class _Run:
         client disconnects meanwhile."""
         checked = time.monotonic()
         while self.open:
-            try:
-                rid, item = await asyncio.wait_for(self.queue.get(), self.state.poll_s)
+            try:                                  # wait_for costs a task: only when there is nothing yet
+                rid, item = self.queue.get_nowait() if not self.queue.empty() else \
+                    await asyncio.wait_for(self.queue.get(), self.state.poll_s)
             except asyncio.TimeoutError:
                 rid = item = None
             if time.monotonic() - checked >= self.state.poll_s:      # by the clock: outputs may never pause
@@ -316,10 +317,8 @@ async def _respond(run: _Run, request: Request, stream: bool, echo: bool, includ
 def create_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if state.bridge.thread.ident is None:          # not started yet
-            state.bridge.start()
         yield
-        state.bridge.stop()
+        state.bridge.stop()                            # the engine loop ends once the server has
 
     app = FastAPI(title="llmkit", lifespan=lifespan)
     app.state.llmkit = state
@@ -403,8 +402,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         bridge = state.bridge
-        if not bridge.thread.is_alive():
-            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
+        if not bridge.running:
+            return JSONResponse({"status": "engine loop not running"}, status_code=503)
         if bridge.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}

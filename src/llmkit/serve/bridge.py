@@ -1,8 +1,13 @@
 """`EngineBridge`: the one thread that owns the engine, and the asyncio side's way to reach it.
 
-The engine is not thread-safe and its steps are long, blocking torch calls, so it lives on its own
-thread; the event loop only ever puts commands in a queue (add, cancel, drain) and reads outputs
+The engine is not thread-safe and its steps are long, blocking torch calls, so it lives on a thread
+of its own; the event loop only ever puts commands in a queue (add, cancel, drain) and reads outputs
 from per-HTTP-request asyncio queues that the engine thread fills with `call_soon_threadsafe`.
+
+`llmkit serve` runs the engine on the process's main thread (`run()`) and uvicorn on a second one:
+torch's OpenMP pool answers a parallel region from the main thread in microseconds, but from
+another thread it wakes sleeping workers every time, ~70 us per op on 2 cores - measured, a batch-1
+decode step twice as slow. Tests run it on a background thread (`start()`), where only speed differs.
 
     loop thread                              engine thread
     await bridge.add(rid, ids, params, q) -> Add -> engine.add_request -> ack (or its ValueError)
@@ -75,7 +80,9 @@ class EngineBridge:
         self._stop = threading.Event()
         self.draining = False
         self._deadline: Optional[float] = None
-        self.thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
+        self.thread: Optional[threading.Thread] = None        # set by start(); run() uses the caller's
+        self.running = False                                   # the loop is serving
+        self.keep_going: Callable[[], bool] = lambda: True     # checked while idle: False ends run()
         self.finished = collections.Counter()                  # finish_reason -> requests (engine thread)
         self.rejected = collections.Counter()                  # why -> requests refused before the engine
         self.step_failures = 0
@@ -85,12 +92,22 @@ class EngineBridge:
 
     # ---- the loop side ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the engine loop on a background thread."""
+        self.thread = threading.Thread(target=self.run, name="llmkit-engine", daemon=True)
         self.thread.start()
+
+    def run(self) -> None:
+        """Run the engine loop on this thread until stop() (or keep_going() turns False while idle)."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self.commands.put(None)
-        if self.thread.is_alive():
+        if self.thread is not None and self.thread is not threading.current_thread() and self.thread.is_alive():
             self.thread.join(timeout)
 
     @property
@@ -142,9 +159,11 @@ class EngineBridge:
         engine = self.engine
         while not self._stop.is_set():
             busy = engine.has_unfinished()
-            timeout = None if not busy and self._deadline is None else 0.0
+            if not busy and not self.keep_going():
+                return
+            timeout = 0.0 if busy else 1.0                 # idle: wake now and then to check keep_going
             if not busy and self._deadline is not None:
-                timeout = max(0.0, self._deadline - time.monotonic())
+                timeout = min(timeout, max(0.0, self._deadline - time.monotonic()))
             self._take_commands(block=not busy, timeout=timeout)
             if self._deadline is not None and time.monotonic() >= self._deadline:
                 self._fail_all("the server is shutting down: the request did not finish within the grace period",

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,5 +157,20 @@ def run_serve(job: ServeRecipe) -> None:
           f"{', adapters ' + ', '.join(state.adapters) if state.adapters else ''}) loaded in "
           f"{time.perf_counter() - start:.1f}s", flush=True)
     server = make_server(state, job.host, job.port, job.grace, job.log_level)
-    server.run()
+    # uvicorn on a second thread, the engine on this one (bridge.py says why); signals reach the
+    # main thread only, so the handlers are installed here and hand the signal to uvicorn
+    http = threading.Thread(target=server.run, name="llmkit-http", daemon=True)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    state.bridge.keep_going = http.is_alive
+    http.start()
+    try:
+        state.bridge.run()                 # until the server's shutdown stops it (or the server thread died)
+    finally:
+        server.should_exit = True
+        http.join(job.grace + 30)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise RecipeError(f"host={job.host!r} port={job.port}: the server could not start (the line above says "
+                          "why, e.g. the port is in use)")
     print("llmkit serve: stopped", flush=True)
