@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Union
 
 from .data.errors import DataError
+from .jobs.tokenizers import encode_prompt
 from .recipes import RecipeError
 
 OVERRIDES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
@@ -70,10 +71,6 @@ class BatchLine:
     id: Union[str, int]
     prompt: str
     params: object               # llmkit.infer.SamplingParams
-
-
-def _encode(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
 
 
 def read_batch(path: str, base: dict) -> list[BatchLine]:
@@ -156,7 +153,7 @@ def run_plain(job) -> None:
     from .generation import generate
     prompt = _prompt(job)
     model, tokenizer = _load(job)
-    ids = _encode(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt)
     out = generate(model, torch.tensor([ids]), **job.sampling(), generator=torch.Generator().manual_seed(job.seed))
     print(tokenizer.decode(out[0].tolist()))
 
@@ -165,7 +162,7 @@ def run_stream(job) -> None:
     from .infer import SamplingParams
     prompt = _prompt(job)
     model, tokenizer = _load(job)
-    ids = _encode(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt)
     engine = _engine(job, model, tokenizer)
     try:
         rid = engine.add_request(ids, SamplingParams(**job.engine_sampling(), seed=job.seed))
@@ -201,7 +198,7 @@ def run_batch(job) -> None:
     engine = _engine(job, model, tokenizer)
     for index, line in enumerate(lines):                       # checked one by one; nothing runs yet
         try:
-            engine.add_request(_encode(tokenizer, line.prompt), line.params, request_id=index)
+            engine.add_request(encode_prompt(tokenizer, line.prompt), line.params, request_id=index)
         except ValueError as exc:          # a prompt longer than the context, a request the KV cache can't hold
             raise DataError(f"input={job.input!r} line {line.lineno}: \"prompt\" / \"max_tokens\" / \"n\": {exc}") \
                 from exc

@@ -14,6 +14,18 @@ from ..tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 TRAINED = ("char", "bpe")
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's ids for generation (no special tokens added); an empty prompt starts from the
+    end-of-text token, as OpenAI's API does. RecipeError (a ValueError) if it is empty and there is none."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if ids:
+        return ids
+    if tokenizer.eos_token_id is None:
+        raise RecipeError("the prompt is empty and the tokenizer has no end-of-text token to start from: "
+                         "expected a non-empty prompt")
+    return [tokenizer.eos_token_id]
+
+
 def setup_tokenizer(spec: str, texts: Callable[[], Iterable[str]], *, roles: Optional[dict] = None,
                     vocab_size: int = 4096, field: str = "tokenizer") -> Tokenizer:
     """`spec` is char | bpe | a path; `texts()` is called only when a tokenizer is trained."""

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import responses as R
+from ..jobs.tokenizers import encode_prompt
 from .bridge import EngineBridge, EngineError
 from .chat import chat_prompt
 from .errors import APIError, bad_request, error_body
@@ -149,7 +150,7 @@ def _engine_refusal(exc: ValueError, kind: str) -> APIError:
 
 
 def _failure(item: EngineError) -> APIError:
-    return APIError(item.status, str(item), code=item.status)
+    return APIError(item.status, str(item))
 
 
 def _choice_error(out) -> Optional[str]:
@@ -159,21 +160,14 @@ def _choice_error(out) -> Optional[str]:
 # ---- request building -----------------------------------------------------------------------------
 def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
     prompt, tok, vocab = req.prompt, state.tokenizer, state.bridge.engine.config.vocab_size
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif all(isinstance(p, int) for p in prompt):
-        items = [prompt]
-    else:
-        items = list(prompt)
+    one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)     # a string, or one id list
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate([prompt] if one else prompt):
         if isinstance(item, str):
-            ids = tok.encode(item, add_special_tokens=False)
-            if not ids:                        # an empty prompt starts from the end-of-text token, as OpenAI
-                if tok.eos_token_id is None:
-                    raise bad_request("prompt", f"prompt[{i}] is empty and the tokenizer has no end-of-text "
-                                                "token to start from: expected a non-empty prompt")
-                ids = [tok.eos_token_id]
+            try:
+                ids = encode_prompt(tok, item)
+            except ValueError as exc:
+                raise bad_request("prompt", f"prompt[{i}]: {exc}") from exc
         else:
             ids = list(item)
             if not ids or not all(0 <= t < vocab for t in ids):

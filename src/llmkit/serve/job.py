@@ -94,19 +94,20 @@ def build_state(job: ServeRecipe):
     from .bridge import EngineBridge
     artifacts = load_artifacts(job.model)
     model = artifacts.model.to(getattr(torch, job.dtype)).eval()
+    adapters = job.adapter_dirs()
     kw = {}
     if job.kv_tokens is not None:
         kw["num_blocks"] = -(-job.kv_tokens // 16)
     try:
         engine = Engine(model, tokenizer=artifacts.tokenizer, max_num_seqs=job.max_num_seqs,
                         max_num_batched_tokens=job.max_num_batched_tokens, max_model_len=job.max_model_len,
-                        seed=job.seed, adapters=job.adapter_dirs() or None, **kw)
+                        seed=job.seed, adapters=adapters or None, **kw)
     except ValueError as exc:               # an encoder, a prefix-tuning adapter, a non-LoRA adapter
         raise RecipeError(f"model={job.model!r}: {exc}") from exc
     template = Path(job.chat_template).read_text(encoding="utf-8") if job.chat_template else None
     api_key = job.api_key or os.environ.get("LLMKIT_API_KEY") or None
     return ServerState(EngineBridge(engine, max_pending=job.max_pending), artifacts.tokenizer, job.name,
-                       list(job.adapter_dirs()), api_key=api_key, chat_template=template)
+                       list(adapters), api_key=api_key, chat_template=template)
 
 
 def _server_class():

@@ -18,9 +18,6 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
-
-
 class TextDelta:
     """The new text of one streamed choice, from the engine's text so far (already cut at a stop
     string). While the choice runs it holds back a trailing U+FFFD (an incomplete UTF-8 character
@@ -74,18 +71,18 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def completion_choice(index: int, text: str, finish: Optional[str], logprobs=None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": FINISH.get(finish, finish)}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 def chat_choice(index: int, text: str, finish: Optional[str], logprobs=None) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": text},
             "logprobs": None if logprobs is None else {"content": logprobs},
-            "finish_reason": FINISH.get(finish, finish)}
+            "finish_reason": finish}
 
 
 def chat_delta(index: int, delta: dict, finish: Optional[str], logprobs=None) -> dict:
     return {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
-            "finish_reason": FINISH.get(finish, finish)}
+            "finish_reason": finish}
 
 
 def envelope(rid: str, obj: str, created: int, model: str, choices: list, **extra) -> dict:
