@@ -186,7 +186,8 @@ def read_words(words: list[str], schema: Optional[type] = None) -> dict:
 KNOWN_ERRORS = ("llmkit.recipes.RecipeError", "llmkit.config.ConfigError", "llmkit.data.errors.DataError",
                 "llmkit.io.errors.CheckpointError", "llmkit.peft.errors.PeftError",
                 "llmkit.train.trainer.TrainingDiverged", "llmkit.finetune.search.SearchError",
-                "llmkit.benchmark.serving.BenchServeError", "builtins.FileNotFoundError")
+                "llmkit.benchmark.serving.BenchServeError", "llmkit.compress.errors.CompressError",
+                "builtins.FileNotFoundError")
 
 
 def main(argv=None) -> int:
