@@ -137,6 +137,11 @@ def _bench_schema():
     return BenchServeRecipe
 
 
+def _export_schema():
+    from .export.job import ExportGGUFRecipe
+    return ExportGGUFRecipe
+
+
 def _eval_schema():
     from .finetune.eval_job import EvalRecipe
     return EvalRecipe
@@ -155,11 +160,13 @@ COMMANDS = {
     "serve": ("an OpenAI-compatible HTTP server over the inference engine (FastAPI + uvicorn)", _serve_schema),
     "bench": ("benchmarks: `llmkit bench serve url=...` load-tests an OpenAI-compatible server", _bench_schema),
     "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),
+    "export": ("export a model for another runtime: `llmkit export gguf model=DIR out=FILE type=q8_0` (llama.cpp)",
+               _export_schema),
     "demo": ("the end-to-end demo on synthetic data, on a CPU", lambda: DemoRecipe),
 }
 
 
-SUBJECTS = {"bench": ["serve"]}       # commands whose first word says what they act on
+SUBJECTS = {"bench": ["serve"], "export": ["gguf"]}       # commands whose first word says what they act on
 
 
 def describe_keys(schema, prefix: str = "") -> list[str]:
@@ -187,7 +194,7 @@ KNOWN_ERRORS = ("llmkit.recipes.RecipeError", "llmkit.config.ConfigError", "llmk
                 "llmkit.io.errors.CheckpointError", "llmkit.peft.errors.PeftError",
                 "llmkit.train.trainer.TrainingDiverged", "llmkit.finetune.search.SearchError",
                 "llmkit.benchmark.serving.BenchServeError", "llmkit.compress.errors.CompressError",
-                "builtins.FileNotFoundError")
+                "llmkit.export.errors.ExportError", "builtins.FileNotFoundError")
 
 
 def main(argv=None) -> int:
@@ -259,6 +266,11 @@ def run_bench_command(data: dict) -> None:
     run_bench_serve(build(BenchServeRecipe, data))
 
 
+def run_export_command(data: dict) -> None:
+    from .export.job import ExportGGUFRecipe, run_export_gguf
+    run_export_gguf(build(ExportGGUFRecipe, data))
+
+
 def run_convert_command(data: dict) -> None:
     from .io import load_any, save_hf, save_llmkit
     job = build(ConvertRecipe, data)
@@ -277,7 +289,8 @@ def run_demo_command(data: dict) -> None:
 
 RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
            "tune": run_tune_command, "align": run_align_command, "generate": run_generate_command,
-           "serve": run_serve_command, "bench": run_bench_command, "convert": run_convert_command, "demo": run_demo_command}
+           "serve": run_serve_command, "bench": run_bench_command, "convert": run_convert_command,
+           "export": run_export_command, "demo": run_demo_command}
 
 
 if __name__ == "__main__":
