@@ -142,6 +142,11 @@ def _export_schema():
     return ExportGGUFRecipe
 
 
+def _compress_schema():
+    from .compress_job import CompressRecipe
+    return CompressRecipe
+
+
 def _eval_schema():
     from .finetune.eval_job import EvalRecipe
     return EvalRecipe
@@ -151,7 +156,8 @@ COMMANDS = {
     "pretrain": ("pretrain a model from a recipe (see recipes/)", _pretrain_schema),
     "finetune": ("fine-tune every parameter: instruction SFT or sequence / token classification",
                  _finetune_schema),
-    "eval": ("score a checkpoint on data: accuracy, P/R/F1, confusion matrix, perplexity, exact match",
+    "eval": ("score a checkpoint on data: accuracy, P/R/F1, confusion matrix, perplexity, exact match; "
+             "metric=ppl|kld: the compression quality protocols on held-out text",
              _eval_schema),
     "tune": ("hyperparameter search over a finetune recipe's search: block", _finetune_schema),
     "align": ("alignment: method=rm | dpo | ipo | kto | orpo | ppo | cai (see recipes/align_*.yaml)",
@@ -160,6 +166,8 @@ COMMANDS = {
     "serve": ("an OpenAI-compatible HTTP server over the inference engine (FastAPI + uvicorn)", _serve_schema),
     "bench": ("benchmarks: `llmkit bench serve url=...` load-tests an OpenAI-compatible server", _bench_schema),
     "convert": ("convert a checkpoint between Hugging Face and llmkit formats", lambda: ConvertRecipe),
+    "compress": ("prune (magnitude / wanda / sparsegpt, N:M, structured) and quantize (int8 / int4 / int3 / nf4, "
+                 "rtn / gptq) a model folder (see recipes/compress_*.yaml)", _compress_schema),
     "export": ("export a model for another runtime: `llmkit export gguf model=DIR out=FILE type=q8_0` (llama.cpp)",
                _export_schema),
     "demo": ("the end-to-end demo on synthetic data, on a CPU", lambda: DemoRecipe),
@@ -266,6 +274,11 @@ def run_bench_command(data: dict) -> None:
     run_bench_serve(build(BenchServeRecipe, data))
 
 
+def run_compress_command(data: dict) -> None:
+    from .compress_job import CompressRecipe, run_compress
+    run_compress(build(CompressRecipe, data))
+
+
 def run_export_command(data: dict) -> None:
     from .export.job import ExportGGUFRecipe, run_export_gguf
     run_export_gguf(build(ExportGGUFRecipe, data))
@@ -290,7 +303,7 @@ def run_demo_command(data: dict) -> None:
 RUNNERS = {"pretrain": run_pretrain_command, "finetune": run_finetune_command, "eval": run_eval_command,
            "tune": run_tune_command, "align": run_align_command, "generate": run_generate_command,
            "serve": run_serve_command, "bench": run_bench_command, "convert": run_convert_command,
-           "export": run_export_command, "demo": run_demo_command}
+           "compress": run_compress_command, "export": run_export_command, "demo": run_demo_command}
 
 
 if __name__ == "__main__":
