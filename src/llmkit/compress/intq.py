@@ -14,7 +14,8 @@ output row; `group_size=None` is one group per row (per output channel, the int8
 
 An all-zero group would give s = 0; it gets s = 1 (every code is then z, every value 0).
 
-Storage (what `nbytes` counts): codes packed b bits each (`pack_bits`), one fp32 scale per group,
+Storage (`PackedInt`, what `nbytes` counts): codes packed b bits each (`pack_bits`; 8-bit codes
+as the int8 value q - 128, which the int8 kernel reads in place), one fp32 scale per group,
 and for the asymmetric grid one uint8 zero point per group (a symmetric grid's zero point is the
 constant 2^(b-1), so it is not stored). So int8 per channel costs 8 + 32/in bits per weight,
 int4 g128 symmetric 4.25, asymmetric 4.3125.
@@ -58,6 +59,13 @@ def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
 def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """(q - zero) * scale in float32; scale / zero broadcast against q."""
     return (q.float() - zero) * scale
+
+
+def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """codes (rows, in) with one (scale, zero) per group of in // groups columns -> float32 (rows, in)."""
+    rows, n_in = codes.shape
+    q = codes.reshape(rows, scale.shape[1], -1)                                    # (rows, groups, g)
+    return dequantize_codes(q, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(rows, n_in)
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
@@ -113,11 +121,7 @@ class IntQuantized:
 
     def dequantize(self) -> Tensor:
         """The float32 weight (out, in) the codes stand for."""
-        out, n_in = self.codes.shape
-        g = self.group_size
-        q = self.codes.reshape(out, n_in // g, g)                                  # (out, groups, g)
-        w = dequantize_codes(q, self.scale.unsqueeze(-1), self.zero.unsqueeze(-1))
-        return w.reshape(out, n_in)
+        return dequantize_groups(self.codes, self.scale, self.zero)
 
     def nbytes(self) -> int:
         """Bytes as stored: packed codes, fp32 scales, uint8 zero points when asymmetric."""
@@ -128,6 +132,63 @@ class IntQuantized:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes() / self.codes.numel()
+
+    def pack(self) -> PackedInt:
+        if self.bits == 8:   # q - 128 as int8: the int8 kernel's weight, no copy at matmul time
+            data = (self.codes.to(torch.int16) - 128).to(torch.int8).reshape(-1)
+        else:
+            data = pack_bits(self.codes, self.bits)
+        zero = None if self.symmetric else self.zero.to(torch.uint8)
+        return PackedInt(data=data, scale=self.scale.float().contiguous(), zero=zero, bits=self.bits,
+                         group_size=self.group_size, shape=self.shape)
+
+
+@dataclass
+class PackedInt:
+    """The stored form of an IntQuantized: a flat code stream, fp32 scales, uint8 zeros if asymmetric."""
+
+    data: Tensor               # (ceil(out * in * bits / 8),) uint8, or (out * in,) int8 for 8 bits
+    scale: Tensor              # (out, in // group_size) float32
+    zero: Tensor | None        # (out, in // group_size) uint8; None: symmetric, zero = 2^(bits-1)
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    def zero_points(self) -> Tensor:
+        """(out, groups) float32 zero points."""
+        if self.zero is None:
+            return torch.full_like(self.scale, float(2 ** (self.bits - 1)))
+        return self.zero.float()
+
+    def codes_rows(self, r0: int, r1: int) -> Tensor:
+        """uint8 codes of output rows [r0, r1), (r1 - r0, in). r0 * in must be a multiple of 8
+        (8 codes of b bits fill exactly b bytes), e.g. r0 a multiple of 8."""
+        n_in = self.shape[1]
+        if self.bits == 8:
+            rows = self.data[r0 * n_in: r1 * n_in].to(torch.int16) + 128
+            return rows.to(torch.uint8).reshape(r1 - r0, n_in)
+        if (r0 * n_in) % 8:
+            raise ValueError(f"codes_rows: r0={r0}: r0 * in must be a multiple of 8")
+        start = r0 * n_in * self.bits // 8
+        stop = math.ceil(r1 * n_in * self.bits / 8)
+        return unpack_bits(self.data[start:stop], self.bits, (r1 - r0) * n_in).reshape(r1 - r0, n_in)
+
+    def dequantize_rows(self, r0: int, r1: int) -> Tensor:
+        """float32 weight rows [r0, r1), (r1 - r0, in)."""
+        return dequantize_groups(self.codes_rows(r0, r1), self.scale[r0:r1], self.zero_points()[r0:r1])
+
+    def unpack(self) -> IntQuantized:
+        return IntQuantized(codes=self.codes_rows(0, self.shape[0]), scale=self.scale,
+                            zero=self.zero_points(), bits=self.bits, group_size=self.group_size,
+                            symmetric=self.symmetric)
+
+    def nbytes(self) -> int:
+        zeros = 0 if self.zero is None else self.zero.numel()
+        return self.data.numel() * self.data.element_size() + 4 * self.scale.numel() + zeros
 
 
 def check_bits(bits: int) -> None:
