@@ -128,14 +128,20 @@ class NF4Tensor:
         a = (r * self.absmax2.unsqueeze(1)).reshape(-1)[:blocks]
         return a + self.offset
 
-    def dequantize_flat(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Elements [start, stop) of the flattened tensor, float32 (a tile for the kernels)."""
+    def dequantize_flat(self, start: int = 0, stop: int | None = None,
+                        absmax: Tensor | None = None) -> Tensor:
+        """Elements [start, stop) of the flattened tensor, float32 (a tile for the kernels);
+        `absmax` is `block_absmax()` when the caller already has it."""
         stop = self.numel if stop is None else stop
+        absmax = self.block_absmax() if absmax is None else absmax
         first = start - start % 2                                                   # whole bytes
         codes = unpack_bits(self.data[first // 2: (stop + 1) // 2], 4, stop - first)
         values = NF4_CODE[codes.long()][start - first:]                             # (stop - start,)
-        idx = torch.arange(start, stop) // self.block_size
-        return values * self.block_absmax()[idx]
+        b = self.block_size
+        if start % b == 0 and (stop - start) % b == 0:   # whole blocks: one broadcast multiply
+            scaled = values.reshape(-1, b) * absmax[start // b: stop // b].unsqueeze(1)
+            return scaled.reshape(-1)
+        return values * absmax[torch.arange(start, stop) // b]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The tensor back, in `dtype` (default: the dtype it was quantized from)."""
