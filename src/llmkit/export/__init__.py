@@ -1,21 +1,11 @@
 """Export to other runtimes' file formats: GGUF for llama.cpp (`export_gguf`, `llmkit export gguf`).
 
-Names are imported lazily, so `import llmkit.export` costs nothing (not even numpy) until one is used.
+The `gguf` package is imported by the functions that use it, so `llmkit --help` does not load it.
 """
 from __future__ import annotations
 
-import importlib
+from .errors import ExportError
+from .gguf import GGUF_TYPES, export_gguf, gguf_bits_per_weight
+from .job import ExportGGUFRecipe, run_export_gguf
 
-_EXPORTS = {
-    "export_gguf": "gguf", "GGUF_TYPES": "gguf", "gguf_bits_per_weight": "gguf",
-    "ExportGGUFRecipe": "job", "run_export_gguf": "job",
-    "ExportError": "errors",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llmkit.export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__all__ = ["ExportError", "ExportGGUFRecipe", "GGUF_TYPES", "export_gguf", "gguf_bits_per_weight", "run_export_gguf"]
