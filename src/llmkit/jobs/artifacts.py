@@ -9,7 +9,8 @@ llmkit's tensor names, with the ModelConfig and head options in the manifest) or
 that saves itself, e.g. the multimodal encoder). `adapter` is the folder of the PEFT adapter the
 merged weights came from, relative to the model folder. Adapters that cannot merge (prompts,
 prefixes, bottleneck adapters) leave the base weights and `"adapter_merged": false`; loading then
-attaches the adapter again. A folder with no manifest (any HF or llmkit checkpoint) loads as it is.
+attaches the adapter again. A folder with no manifest (any HF or llmkit checkpoint, or a quantized
+folder of compress.save_quantized) loads as it is.
 """
 from __future__ import annotations
 
@@ -143,7 +144,8 @@ def load_artifacts(directory: Union[str, Path]) -> Artifacts:
         model = HEADS[head["kind"]][2](config, head)
         load_tensors_into(model, directory)
     else:
-        model = load_any(directory)
+        from ..compress.storage import is_quantized_dir, load_quantized
+        model = load_quantized(directory) if is_quantized_dir(directory) else load_any(directory)
         manifest.setdefault("task", task_of(model))
     if manifest.get("adapter") and manifest.get("adapter_merged") is False:
         from .. import peft
