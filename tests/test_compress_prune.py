@@ -231,7 +231,8 @@ def test_block_i_calibrates_on_the_pruned_blocks_before_it(method):
     (dict(method="magnitude", n_m=(2,)), r"n_m=\(2,\): expected 'N:M'"),
     (dict(method="magnitude", n_m="2:5"), r"n_m=2:5: transformer.layers.0.self_attn.q_proj has "
                                           r"in_features=64: expected a multiple of M=5"),
-    (dict(method="sparsegpt", n_m="2:8", block_size=12, calibration="ids"), r"block_size=12: expected a multiple of M=8"),
+    (dict(method="sparsegpt", n_m="2:8", block_size=12, calibration="ids"),
+     r"block_size=12: expected a multiple of M=8"),
     (dict(method="sparsegpt", damp=-1.0, calibration="ids"), r"damp=-1.0: expected a number >= 0"),
 ])
 def test_bad_input_names_field_value_and_expectation(kwargs, message):
