@@ -1,4 +1,4 @@
-"""Pruning (llmkit.compress.prune, masks, sparsegpt) and the layer-by-layer calibration driver:
+"""Pruning (llmkit.compress.pruning, masks, sparsegpt) and the layer-by-layer calibration driver:
 exact sparsity per layer and per N:M group, SparseGPT's layer error below magnitude's, the
 driver's block inputs equal a plain forward's, block i calibrated on the pruned blocks before it
 (against a hand loop of full forwards), identities at sparsity 0, and every bad input's error."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmkit.compress.errors import CompressError
-from llmkit.compress.prune import PRUNE_METHODS, prune
+from llmkit.compress.pruning import PRUNE_METHODS, prune
 from llmkit.compress.sparsegpt import sparsegpt_prune_layer
 from llmkit.compress.calibrate import capture_block_inputs, layerwise
 from llmkit.compress.hessian import ColumnNormAccumulator, HessianAccumulator, hessian_of, layer_error

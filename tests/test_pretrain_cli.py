@@ -37,6 +37,13 @@ def test_every_shipped_recipe_validates(path):
         from llmkit.serve.job import ServeRecipe
         build(ServeRecipe, load_yaml(path))
         return
+    if path.stem.startswith("compress_"):              # a compression job on a saved model
+        from llmkit.compress_job import CompressRecipe
+        from llmkit.recipes import build
+        recipe = build(CompressRecipe, load_yaml(path))
+        assert recipe.prune or recipe.quantize or recipe.structured
+        assert (REPO / recipe.calibration.text).is_file() if recipe.calibration.text else True
+        return
     recipe = parsers.get(path.stem.split("_")[0], parse_recipe)(load_yaml(path))
     assert recipe.train.max_steps > 0
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "save_quantized": "storage", "load_quantized": "storage", "is_quantized_dir": "storage",
     # GPTQ and pruning
     "gptq_quantize_layer": "gptq", "sparsegpt_prune_layer": "sparsegpt",
-    "prune": "prune", "PRUNE_METHODS": "prune",
+    "prune": "pruning", "PRUNE_METHODS": "pruning",
     "prune_ffn_channels": "structured", "prune_attention_heads": "structured",
     # quality
     "perplexity": "quality", "kl_divergence": "quality",
