@@ -148,6 +148,7 @@ def test_shrink_heads_keeps_the_query_heads_of_each_kept_group():
     (lambda m: prune_attention_heads(m, 1.5), r"amount=1.5: expected a fraction in \[0, 1\)"),
     (lambda m: prune_attention_heads(m, "1"), r"amount='1': expected a fraction in \[0, 1\) or a count"),
     (lambda m: prune_attention_heads(tiny(positional="alibi"), 1), r"positional='alibi'"),
+    (lambda m: prune_attention_heads(tiny(family="gpt2"), 1), r"family='gpt2': its Hugging Face config has no head_dim"),
 ])
 def test_bad_input_names_field_value_and_expectation(call, message):
     model = tiny()

@@ -221,6 +221,10 @@ def prune_attention_heads(model: nn.Module, amount: Union[float, int], calibrati
     if any(getattr(b, "cross_attn", None) is not None for b in model.blocks()):
         raise CompressError(f"prune_attention_heads: model={type(model).__name__}: cross-attention shares "
                             "n_heads with self-attention; expected a decoder-only or encoder model")
+    if config.family in ("gpt2", "bert", "bart"):
+        raise CompressError(f"prune_attention_heads: family={config.family!r}: its Hugging Face config has no "
+                            "head_dim (it is d_model / n_heads), so the smaller model could not be saved; "
+                            "expected a llama or mistral model (or family='custom', saved in llmkit's format)")
     n_kv, rep = config.kv_heads, config.n_heads // config.kv_heads
     remove = _groups_to_remove(amount, n_kv)
     report = _remove_units(model, remove, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), head_importance,
