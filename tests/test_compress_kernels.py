@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmkit.compress import kernels, quantize_int, quantize_nf4
+from llmkit.compress import CompressError, kernels, quantize_int, quantize_nf4
 from llmkit.compress.kernels import kernel_name, matmul, prepare
 
 # (label, quantizer, shape (out, in), kernel the dispatcher must pick)
@@ -94,3 +94,30 @@ def test_bf16_input_comes_back_bf16(label, make, shape, kernel):
 def test_empty_batch():
     q = quantize_int(weight((32, 64)), 4, 32)
     assert matmul(torch.zeros(0, 64), q).shape == (0, 32)
+
+
+def test_w8a8_equals_its_integer_reference():
+    """y = (round(x / a_t) W8^T) a_t s, with a_t = max|x_t| / 127 per token, exact integer products."""
+    w = weight((48, 96), seed=8)
+    q = quantize_int(w, 8, None, True)
+    plan = prepare(q, act_bits=8)
+    assert kernel_name(plan) == "int8x8"
+    x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(9))
+    x[0, 0] = 0                                                                    # an all-zero token
+    flat = x.reshape(-1, 96).double()
+    a = flat.abs().amax(1, keepdim=True) / 127
+    a[a == 0] = 1
+    xq = torch.clamp(torch.round(flat / a), -127, 127)
+    w8 = q.codes.double() - 128
+    ref = (xq @ w8.t()) * a * q.scale.double().reshape(1, -1)
+    y = matmul(x, plan)
+    torch.testing.assert_close(y.reshape(-1, 48).double(), ref, rtol=1e-6, atol=1e-6)
+    full = x @ q.dequantize().t()                                                 # the activations' rounding
+    assert (y - full).norm() < 0.01 * full.norm()
+
+
+def test_w8a8_needs_an_8_bit_symmetric_per_channel_weight():
+    w = weight((32, 64))
+    for q in (quantize_int(w, 4, 32), quantize_int(w, 8, None, False), quantize_int(w, 8, 32)):
+        with pytest.raises(CompressError, match="act_bits=8: expected 8, with an 8-bit symmetric"):
+            prepare(q, act_bits=8)

@@ -1,4 +1,4 @@
-"""compress.quantize: QuantLinear equals its dequantized weight's Linear, state_dict round trips,
+"""compress.quantization: QuantLinear equals its dequantized weight's Linear, state_dict round trips,
 quantize() on a tiny CausalLM (int8 close to fp32, generate() and the engine agree token for
 token), bf16 autocast, GPTQ wiring, and bad input."""
 from __future__ import annotations
@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 from llmkit.compress import CompressError
-# From the module itself: llmkit.compress.quantize, once the submodule of that name is imported, is
-# the module, not the function (the lazy export collides with the file name).
-from llmkit.compress.quantize import SCHEMES, QuantLinear, quantize
+from llmkit.compress.quantization import SCHEMES, QuantLinear, quantize
 from llmkit.compress.targets import linear_targets
 from llmkit.config import ModelConfig
 from llmkit.generation import generate
@@ -21,8 +19,9 @@ from llmkit.model.models import CausalLM
 
 # scheme, keyword arguments of quantize / from_linear
 VARIANTS = [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 32, "symmetric": False}),
-            ("int3", {"group_size": 32}), ("nf4", {}), ("nf4", {"double_quant": True})]
-IDS = ["int8", "int4", "int4-asym", "int3", "nf4", "nf4-dq"]
+            ("int3", {"group_size": 32}), ("nf4", {}), ("nf4", {"double_quant": True}), ("w8a8", {})]
+IDS = ["int8", "int4", "int4-asym", "int3", "nf4", "nf4-dq", "w8a8"]
+WEIGHT_ONLY = VARIANTS[:-1]
 
 
 def tiny(seed: int = 0, **overrides) -> CausalLM:
@@ -45,7 +44,7 @@ def rel_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("scheme,kw", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("scheme,kw", WEIGHT_ONLY, ids=IDS[:-1])
 def test_quant_linear_equals_linear_of_its_dequantized_weight(scheme, kw):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
@@ -87,9 +86,9 @@ def test_int8_logits_are_close_to_fp32_and_closer_than_int4():
     model, tokens = tiny(), ids()
     ref = logits(model, tokens)
     err = {s: rel_error(logits(quantize(tiny(), s, group_size=32, progress=False), tokens), ref)
-           for s in ("int8", "int4", "int3")}
-    assert err["int8"] < 0.01
-    assert err["int8"] < err["int4"] < err["int3"]
+           for s in ("int8", "w8a8", "int4", "int3")}
+    assert err["int8"] < 0.01 and err["w8a8"] < 0.02
+    assert err["int8"] < err["int4"] < err["int3"] and err["w8a8"] < err["int4"]
 
 
 @pytest.mark.parametrize("scheme,kw", VARIANTS, ids=IDS)
@@ -138,9 +137,9 @@ def test_gptq_layers_hold_what_gptq_model_chose():
 # ---- bad input -------------------------------------------------------------------------------------
 
 def test_unknown_scheme_names_the_known_ones():
-    with pytest.raises(CompressError, match="scheme='int5': expected one of int8, int4, int3, nf4"):
+    with pytest.raises(CompressError, match="scheme='int5': expected one of int8, int4, int3, nf4, w8a8"):
         quantize(tiny(), "int5")
-    assert SCHEMES == ("int8", "int4", "int3", "nf4")
+    assert SCHEMES == ("int8", "int4", "int3", "nf4", "w8a8")
 
 
 def test_unknown_method_names_the_known_ones():
@@ -151,6 +150,11 @@ def test_unknown_method_names_the_known_ones():
 def test_gptq_needs_calibration_data():
     with pytest.raises(CompressError, match="method='gptq' needs calibration data: calibration=None"):
         quantize(tiny(), "int4", method="gptq")
+
+
+def test_w8a8_is_symmetric_only():
+    with pytest.raises(CompressError, match="scheme='w8a8' with symmetric=False: expected symmetric=True"):
+        quantize(tiny(), "w8a8", symmetric=False)
 
 
 def test_nf4_with_gptq_is_refused():

@@ -10,7 +10,7 @@ import torch
 
 from llmkit.cli import main
 from llmkit.compress import is_quantized_dir, load_quantized, save_quantized
-from llmkit.compress.quantize import QuantLinear, quantize
+from llmkit.compress.quantization import QuantLinear, quantize
 from llmkit.config import ModelConfig
 from llmkit.generation import generate
 from llmkit.infer import Engine, SamplingParams
@@ -21,8 +21,8 @@ from llmkit.model.models import CausalLM
 from llmkit.tokenizer import train_char
 
 VARIANTS = [("int8", {}), ("int4", {"group_size": 32, "symmetric": False}), ("int3", {"group_size": 32}),
-            ("nf4", {"double_quant": True})]
-IDS = ["int8", "int4-asym", "int3", "nf4-dq"]
+            ("nf4", {"double_quant": True}), ("w8a8", {})]
+IDS = ["int8", "int4-asym", "int3", "nf4-dq", "w8a8"]
 TEXT = "the quick brown fox jumps over the lazy dog 0123456789"
 
 
@@ -75,7 +75,7 @@ def test_folder_is_smaller_than_fp32_by_the_expected_ratio(tmp_path, scheme, kw)
     ratio = (tmp_path / "q" / "model.safetensors").stat().st_size / \
         (tmp_path / "fp32" / "model.safetensors").stat().st_size
     assert ratio == pytest.approx(expected_ratio, rel=0.03)               # safetensors headers aside
-    assert ratio < {"int8": 0.4, "int4": 0.3, "int3": 0.25, "nf4": 0.3}[scheme]
+    assert ratio < {"int8": 0.4, "int4": 0.3, "int3": 0.25, "nf4": 0.3, "w8a8": 0.4}[scheme]
 
 
 def test_loaded_model_runs_generate_and_the_engine(tmp_path):

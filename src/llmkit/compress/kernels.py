@@ -1,6 +1,6 @@
 """CPU matmuls for weight-only quantized layers: y = x W'^T with W' the dequantized weight.
 
-Three kernels, chosen per weight by `prepare`:
+Kernels, chosen per weight by `prepare`:
 
 - "int8pack": torch's `aten._weight_int8pack_mm(x, W8, s)` = x (W8 * s[:, None])^T, for 8-bit codes
   with one grid per output channel (W8 = q - 128 as int8). An asymmetric grid adds a rank-one term:
@@ -9,6 +9,11 @@ Three kernels, chosen per weight by `prepare`:
   w = (q - 8) * S + Z per group (SZ (in / g, out, 2) holds S and Z; checked in the tests). Ours is
   w = (q - z) * s, so S = s and Z = (8 - z) * s (zero for the symmetric grid, z = 8). It needs
   out % 16 == 0 and g in {32, 64, 128, 256}.
+- "int8x8" (W8A8, scheme "w8a8"): the activations are quantized too, per token, dynamically (the
+  vector-wise scheme of LLM.int8, Dettmers et al. 2022, without its outlier split; SmoothQuant's
+  per-token dynamic W8A8, Xiao et al. 2023, without the smoothing):
+      a_t = max_i |x_ti| / 127,  X8 = round(x / a_t) in [-127, 127],
+      y = (X8 W8^T) * a_t * s    with X8 W8^T exact in int32 (`torch._int_mm`).
 - "tiled": everything else (int3, odd shapes, groupwise int8, NF4): dequantize a tile of output rows
   (at most TILE_BYTES of fp32), multiply, move on, so memory stays bounded by one tile.
 
@@ -22,6 +27,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from .errors import CompressError
 from .intq import IntQuantized, PackedInt
 from .nf4 import NF4Tensor
 
@@ -53,6 +59,17 @@ class Int4Plan:
 
 
 @dataclass
+class W8A8Plan:
+    weight: Tensor            # (out, in) int8, q - 128 of a symmetric grid
+    scale: Tensor             # (out,) float32
+    name: str = "int8x8"
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
 class TiledPlan:
     rows: Callable[[int, int], Tensor]   # (r0, r1) -> (r1 - r0, in) float32
     shape: tuple[int, int]
@@ -63,8 +80,8 @@ class TiledPlan:
         return self.shape[0]
 
 
-Plan = Union[Int8Plan, Int4Plan, TiledPlan]
-PLANS = (Int8Plan, Int4Plan, TiledPlan)
+Plan = Union[Int8Plan, Int4Plan, W8A8Plan, TiledPlan]
+PLANS = (Int8Plan, Int4Plan, W8A8Plan, TiledPlan)
 
 
 def int8_supported(w: PackedInt) -> bool:
@@ -84,11 +101,17 @@ def choose_kernel(w: Quantized, fast: bool = True) -> str:
     return "int4pack" if int4_supported(w) else "tiled"
 
 
-def prepare(w: Quantized, fast: bool = True) -> Plan:
-    """The kernel plan of a quantized weight; `fast=False` forces the tiled fallback."""
+def prepare(w: Quantized, fast: bool = True, act_bits: int | None = None) -> Plan:
+    """The kernel plan of a quantized weight; `fast=False` forces the tiled fallback;
+    `act_bits=8` quantizes the activations too (W8A8: 8-bit symmetric per-channel weights only)."""
     kernel = choose_kernel(w, fast)
     if isinstance(w, IntQuantized):
         w = w.pack()
+    if act_bits is not None:
+        if act_bits != 8 or not int8_supported(w) or not w.symmetric:
+            raise CompressError(f"prepare: act_bits={act_bits}: expected 8, with an 8-bit symmetric "
+                             f"per-channel weight (found {w.bits} bits, group {w.group_size})")
+        return W8A8Plan(weight=w.data.reshape(w.shape), scale=w.scale.reshape(-1).float())
     if isinstance(w, NF4Tensor):
         return TiledPlan(rows=nf4_rows(w), shape=tuple(w.shape))
     if kernel == "int8pack":
@@ -131,6 +154,20 @@ def tiled_matmul(x: Tensor, plan: TiledPlan) -> Tensor:
     return y
 
 
+def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, in) -> (int8 codes (M, in), per-token scale (M, 1)), symmetric absmax / 127."""
+    a = x.abs().amax(dim=1, keepdim=True) / 127                                     # (M, 1)
+    a = torch.where(a == 0, torch.ones_like(a), a)
+    return torch.round(x / a).clamp_(-127, 127).to(torch.int8), a
+
+
+def w8a8_matmul(x: Tensor, plan: W8A8Plan) -> Tensor:
+    """x (M, in) float32 -> (M, out): int8 x int8 -> int32, then both scales."""
+    xq, a = quantize_tokens(x)
+    acc = torch._int_mm(xq, plan.weight.t())                                        # (M, out) int32
+    return acc.float() * a * plan.scale
+
+
 def run_plan(x: Tensor, plan: Plan) -> Tensor:
     """x (M, in) float32 contiguous -> (M, out) float32."""
     if isinstance(plan, Int8Plan):
@@ -138,6 +175,8 @@ def run_plan(x: Tensor, plan: Plan) -> Tensor:
         if plan.shift is not None:
             y = y + x.sum(dim=1, keepdim=True) * plan.shift
         return y
+    if isinstance(plan, W8A8Plan):
+        return w8a8_matmul(x, plan)
     if isinstance(plan, Int4Plan):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, plan.packed, plan.group_size,
                                                           plan.scales_and_zeros)
@@ -156,5 +195,5 @@ def matmul(x: Tensor, w: Quantized | Plan) -> Tensor:
 
 
 def kernel_name(w: Quantized | Plan) -> str:
-    """Which kernel `matmul` uses for this weight: "int8pack", "int4pack" or "tiled"."""
+    """Which kernel `matmul` uses for this weight or plan: "int8pack", "int4pack", "int8x8" or "tiled"."""
     return w.name if isinstance(w, PLANS) else choose_kernel(w)

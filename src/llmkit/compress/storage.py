@@ -36,7 +36,7 @@ from ..io.hf import expected_tensors, task_of
 from ..io.native import load_tensors_into
 from ..io.safetensors_files import atomic_write_text, read_json, write_tensors
 from ..model import build_model
-from .quantize import QuantLinear, replace_module
+from .quantization import QuantLinear, replace_module
 
 QUANT_FILE = "quantization_config.json"
 FORMAT = "llmkit-quantized"
@@ -77,7 +77,7 @@ def save_quantized(model: nn.Module, directory: PathLike, tokenizer=None, *,
     layers = {path: m for path, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise CheckpointError("save_quantized: the model has no QuantLinear layer: expected a model "
-                              "llmkit.compress.quantize changed (save a plain model with save_hf)")
+                              "llmkit.compress.quantize() changed (save a plain model with save_hf)")
     task = task_of(model)
     quant = dict(getattr(model, "quantization_config", {}) or {})
     quant.setdefault("modules", list(layers))

@@ -6,7 +6,10 @@ Schemes (weights only; activations stay in the input's dtype):
     int4  4-bit codes, one grid per `group_size` input columns, symmetric or asymmetric (as in
           GPTQ, Frantar et al. 2023, and AWQ, Lin et al. 2024), the "int4pack" kernel where it applies;
     int3  3-bit codes, groupwise as int4 (the tiled kernel);
-    nf4   NF4 in blocks of 64, optionally double-quantized (QLoRA, Dettmers et al. 2023).
+    nf4   NF4 in blocks of 64, optionally double-quantized (QLoRA, Dettmers et al. 2023);
+    w8a8  int8's weights, and the activations quantized per token at run time (LLM.int8's
+          vector-wise scheme without outliers; SmoothQuant's dynamic W8A8 without smoothing,
+          Xiao et al. 2023), int8 x int8 -> int32 ("int8x8" kernel). Symmetric only.
 Methods: "rtn" rounds each weight to its nearest grid point (intq / nf4); "gptq" (Frantar et al.
 2023) chooses the codes with the layer Hessian of calibration data (compress.gptq).
 
@@ -26,9 +29,9 @@ from .intq import IntQuantized, PackedInt, check_group_size, quantize_int
 from .nf4 import DQ_BLOCK, NF4Tensor, quantize_nf4
 from .targets import linear_targets
 
-SCHEMES = ("int8", "int4", "int3", "nf4")
+SCHEMES = ("int8", "int4", "int3", "nf4", "w8a8")
 METHODS = ("rtn", "gptq")
-SCHEME_BITS = {"int8": 8, "int4": 4, "int3": 3, "nf4": 4}
+SCHEME_BITS = {"int8": 8, "int4": 4, "int3": 3, "nf4": 4, "w8a8": 8}
 NF4_BLOCK = 64
 
 
@@ -37,9 +40,15 @@ def check_scheme(scheme: str) -> None:
         raise CompressError(f"quantize: scheme={scheme!r}: expected one of {', '.join(SCHEMES)}")
 
 
+def check_w8a8_symmetric(scheme: str, symmetric: bool) -> None:
+    if scheme == "w8a8" and not symmetric:
+        raise CompressError("quantize: scheme='w8a8' with symmetric=False: expected symmetric=True "
+                            "(the int8 x int8 product has no zero points)")
+
+
 def layer_group_size(scheme: str, group_size: Optional[int]) -> Optional[int]:
-    """The group a scheme really uses: int8 is per output channel, NF4 has its blocks of 64."""
-    return None if scheme in ("int8", "nf4") else group_size
+    """The group a scheme really uses: int8 / w8a8 are per output channel, NF4 has its blocks of 64."""
+    return None if scheme in ("int8", "w8a8", "nf4") else group_size
 
 
 class QuantLinear(nn.Module):
@@ -61,6 +70,7 @@ class QuantLinear(nn.Module):
         self.bits = SCHEME_BITS[scheme]
         self.group_size = check_group_size(layer_group_size(scheme, group_size), in_features)
         self.symmetric = True if scheme == "nf4" else bool(symmetric)
+        check_w8a8_symmetric(scheme, self.symmetric)
         self.double_quant = bool(double_quant) and scheme == "nf4"
         self._plan = None
         n = in_features * out_features
@@ -86,9 +96,10 @@ class QuantLinear(nn.Module):
     # ---- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_quantized(cls, q: Union[IntQuantized, PackedInt, NF4Tensor],
-                       bias: Optional[Tensor] = None) -> "QuantLinear":
-        """Wrap an already quantized weight (out, in), e.g. GPTQ's IntQuantized."""
+    def from_quantized(cls, q: Union[IntQuantized, PackedInt, NF4Tensor], bias: Optional[Tensor] = None,
+                       activations: bool = False) -> "QuantLinear":
+        """Wrap an already quantized weight (out, in), e.g. GPTQ's IntQuantized; activations=True
+        makes an 8-bit per-channel symmetric weight a w8a8 layer."""
         out, n_in = q.shape
         if isinstance(q, NF4Tensor):
             layer = cls(n_in, out, scheme="nf4", double_quant=q.double_quant, bias=bias is not None)
@@ -96,12 +107,12 @@ class QuantLinear(nn.Module):
                      ("offset", q.offset)) if q.double_quant else (("qdata", q.data), ("absmax", q.absmax))
         else:
             packed = q.pack() if isinstance(q, IntQuantized) else q
-            scheme = {8: "int8", 4: "int4", 3: "int3"}.get(packed.bits)
+            scheme = {8: "w8a8" if activations else "int8", 4: "int4", 3: "int3"}.get(packed.bits)
             if scheme is None:
                 raise CompressError(f"QuantLinear: bits={packed.bits}: expected 8, 4 or 3 "
                                     f"(the int schemes {', '.join(SCHEMES[:3])})")
-            if scheme == "int8" and packed.group_size != n_in:
-                raise CompressError(f"QuantLinear: int8 group_size={packed.group_size}: expected one "
+            if scheme in ("int8", "w8a8") and packed.group_size != n_in:
+                raise CompressError(f"QuantLinear: {scheme} group_size={packed.group_size}: expected one "
                                     f"group per output channel ({n_in})")
             layer = cls(n_in, out, scheme=scheme, group_size=packed.group_size,
                         symmetric=packed.symmetric, bias=bias is not None)
@@ -123,7 +134,7 @@ class QuantLinear(nn.Module):
             q = quantize_nf4(w, block_size=NF4_BLOCK, double_quant=double_quant)
         else:
             q = quantize_int(w, SCHEME_BITS[scheme], layer_group_size(scheme, group_size), symmetric)
-        return cls.from_quantized(q, linear.bias)
+        return cls.from_quantized(q, linear.bias, activations=scheme == "w8a8")
 
     # ---- the weight -----------------------------------------------------------------------------
 
@@ -140,7 +151,7 @@ class QuantLinear(nn.Module):
                          bits=self.bits, group_size=self.group_size, shape=shape)
 
     def dequantized_weight(self) -> Tensor:
-        """W' (out, in) float32."""
+        """W' (out, in) float32 (w8a8 rounds the activations as well, at run time)."""
         q = self.quantized()
         if isinstance(q, NF4Tensor):
             return q.dequantize(torch.float32)
@@ -156,7 +167,7 @@ class QuantLinear(nn.Module):
 
     def plan(self) -> kernels.Plan:
         if self._plan is None:
-            self._plan = kernels.prepare(self.quantized())
+            self._plan = kernels.prepare(self.quantized(), act_bits=8 if self.scheme == "w8a8" else None)
         return self._plan
 
     def _apply(self, fn, recurse=True):
@@ -183,13 +194,14 @@ class QuantLinear(nn.Module):
 
 # ---- the model -----------------------------------------------------------------------------------
 
-def check_request(scheme: str, method: str, calibration) -> None:
+def check_request(scheme: str, method: str, calibration, symmetric: bool) -> None:
     check_scheme(scheme)
     if method not in METHODS:
         raise CompressError(f"quantize: method={method!r}: expected one of {', '.join(METHODS)}")
     if method == "gptq" and scheme == "nf4":
         raise CompressError("quantize: scheme='nf4' with method='gptq' is not supported: expected "
-                            "method='rtn' for nf4, or an int scheme (int8, int4, int3) for gptq")
+                            "method='rtn' for nf4, or an int scheme (int8, int4, int3, w8a8) for gptq")
+    check_w8a8_symmetric(scheme, symmetric)
     if method == "gptq" and calibration is None:
         raise CompressError("quantize: method='gptq' needs calibration data: calibration=None, expected "
                             "a LongTensor of token ids (N, T)")
@@ -208,7 +220,7 @@ def quantize(model: nn.Module, scheme: str, *, group_size: Optional[int] = 128, 
     group_size applies to int4 / int3 (int8 is per output channel, nf4 uses blocks of 64);
     double_quant to nf4; calibration, damp and block_size to method="gptq".
     """
-    check_request(scheme, method, calibration)
+    check_request(scheme, method, calibration, symmetric)
     targets = linear_targets(model)
     if not targets:
         raise CompressError("quantize: the model has no nn.Linear inside its blocks: expected an "
@@ -220,7 +232,8 @@ def quantize(model: nn.Module, scheme: str, *, group_size: Optional[int] = 128, 
         from .gptq import gptq_model            # lazily: GPTQ pulls in the calibration machinery
         results = gptq_model(model, calibration, bits=SCHEME_BITS[scheme], group_size=group,
                              symmetric=symmetric, block_size=block_size, damp=damp, progress=progress)
-        layers = {path: QuantLinear.from_quantized(results[path], targets[path].bias) for path in targets}
+        layers = {path: QuantLinear.from_quantized(results[path], targets[path].bias, scheme == "w8a8")
+                  for path in targets}
     else:
         from tqdm.auto import tqdm
         layers = {path: QuantLinear.from_linear(linear, scheme, group, symmetric, double_quant)
