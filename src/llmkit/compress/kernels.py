@@ -42,7 +42,11 @@ class Int8Plan:
     weight: Tensor            # (out, in) int8, q - 128
     scale: Tensor             # (out,) float32
     shift: Tensor | None      # (out,) float32 (128 - z) * s, asymmetric grids only
-    name: str = "int8pack"
+    act_bits: int | None = None   # 8: W8A8 (symmetric weights), the activations quantized per token
+
+    @property
+    def name(self) -> str:
+        return "int8x8" if self.act_bits else "int8pack"
 
     @property
     def out_features(self) -> int:
@@ -59,17 +63,6 @@ class Int4Plan:
 
 
 @dataclass
-class W8A8Plan:
-    weight: Tensor            # (out, in) int8, q - 128 of a symmetric grid
-    scale: Tensor             # (out,) float32
-    name: str = "int8x8"
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-
-@dataclass
 class TiledPlan:
     rows: Callable[[int, int], Tensor]   # (r0, r1) -> (r1 - r0, in) float32
     shape: tuple[int, int]
@@ -80,8 +73,8 @@ class TiledPlan:
         return self.shape[0]
 
 
-Plan = Union[Int8Plan, Int4Plan, W8A8Plan, TiledPlan]
-PLANS = (Int8Plan, Int4Plan, W8A8Plan, TiledPlan)
+Plan = Union[Int8Plan, Int4Plan, TiledPlan]
+PLANS = (Int8Plan, Int4Plan, TiledPlan)
 
 
 def int8_supported(w: PackedInt) -> bool:
@@ -111,7 +104,8 @@ def prepare(w: Quantized, fast: bool = True, act_bits: int | None = None) -> Pla
         if act_bits != 8 or not int8_supported(w) or not w.symmetric:
             raise CompressError(f"prepare: act_bits={act_bits}: expected 8, with an 8-bit symmetric "
                              f"per-channel weight (found {w.bits} bits, group {w.group_size})")
-        return W8A8Plan(weight=w.data.reshape(w.shape), scale=w.scale.reshape(-1).float())
+        return Int8Plan(weight=w.data.reshape(w.shape), scale=w.scale.reshape(-1).float(), shift=None,
+                        act_bits=8)
     if isinstance(w, NF4Tensor):
         return TiledPlan(rows=nf4_rows(w), shape=tuple(w.shape))
     if kernel == "int8pack":
@@ -161,7 +155,7 @@ def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / a).clamp_(-127, 127).to(torch.int8), a
 
 
-def w8a8_matmul(x: Tensor, plan: W8A8Plan) -> Tensor:
+def w8a8_matmul(x: Tensor, plan: Int8Plan) -> Tensor:
     """x (M, in) float32 -> (M, out): int8 x int8 -> int32, then both scales."""
     xq, a = quantize_tokens(x)
     acc = torch._int_mm(xq, plan.weight.t())                                        # (M, out) int32
@@ -170,13 +164,13 @@ def w8a8_matmul(x: Tensor, plan: W8A8Plan) -> Tensor:
 
 def run_plan(x: Tensor, plan: Plan) -> Tensor:
     """x (M, in) float32 contiguous -> (M, out) float32."""
+    if isinstance(plan, Int8Plan) and plan.act_bits:
+        return w8a8_matmul(x, plan)
     if isinstance(plan, Int8Plan):
         y = torch.ops.aten._weight_int8pack_mm(x, plan.weight, plan.scale)
         if plan.shift is not None:
             y = y + x.sum(dim=1, keepdim=True) * plan.shift
         return y
-    if isinstance(plan, W8A8Plan):
-        return w8a8_matmul(x, plan)
     if isinstance(plan, Int4Plan):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, plan.packed, plan.group_size,
                                                           plan.scales_and_zeros)
