@@ -118,6 +118,6 @@ def test_w8a8_equals_its_integer_reference():
 
 def test_w8a8_needs_an_8_bit_symmetric_per_channel_weight():
     w = weight((32, 64))
-    for q in (quantize_int(w, 4, 32), quantize_int(w, 8, None, False), quantize_int(w, 8, 32)):
+    for q in (quantize_int(w, 4, 32), quantize_int(w, 8, None, False), quantize_int(w, 8, 32), quantize_nf4(w)):
         with pytest.raises(CompressError, match="act_bits=8: expected 8, with an 8-bit symmetric"):
             prepare(q, act_bits=8)

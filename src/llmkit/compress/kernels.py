@@ -101,9 +101,9 @@ def prepare(w: Quantized, fast: bool = True, act_bits: int | None = None) -> Pla
     if isinstance(w, IntQuantized):
         w = w.pack()
     if act_bits is not None:
-        if act_bits != 8 or not int8_supported(w) or not w.symmetric:
+        if act_bits != 8 or isinstance(w, NF4Tensor) or not int8_supported(w) or not w.symmetric:
             raise CompressError(f"prepare: act_bits={act_bits}: expected 8, with an 8-bit symmetric "
-                             f"per-channel weight (found {w.bits} bits, group {w.group_size})")
+                                f"per-channel weight (found {type(w).__name__} {getattr(w, 'bits', 4)} bits)")
         return Int8Plan(weight=w.data.reshape(w.shape), scale=w.scale.reshape(-1).float(), shift=None,
                         act_bits=8)
     if isinstance(w, NF4Tensor):
