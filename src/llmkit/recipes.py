@@ -49,6 +49,8 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
         hint = schema  # the type of the field the key names, if the schema has it
         for part in parts:
             hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
+            if typing.get_origin(hint) in (Union, types.UnionType):     # Optional[Section]: the section
+                hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
         options = set(typing.get_args(hint)) if typing.get_origin(hint) in (Union, types.UnionType) else {hint}
         if options - {type(None)} == {str} or raw == "":
             value = None if raw == "null" and type(None) in options else raw

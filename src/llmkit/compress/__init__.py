@@ -13,7 +13,7 @@ _EXPORTS = {
     "NF4_CODE": "nf4", "NF4Tensor": "nf4", "quantize_nf4": "nf4",
     "IntQuantized": "intq", "quantize_int": "intq",
     # model-level quantization and its storage
-    "QuantLinear": "quantize", "quantize": "quantize", "SCHEMES": "quantize",
+    "QuantLinear": "quantization", "quantize": "quantization", "SCHEMES": "quantization",
     "save_quantized": "storage", "load_quantized": "storage", "is_quantized_dir": "storage",
     # GPTQ and pruning
     "gptq_quantize_layer": "gptq", "sparsegpt_prune_layer": "sparsegpt",
