@@ -187,6 +187,7 @@ QUANT_ROWS = [  # label, scheme, options
     ("int3 g64 asym GPTQ", "int3", {"group_size": 64, "symmetric": False, "method": "gptq"}),
     ("NF4 (blocks of 64)", "nf4", {}),
     ("NF4 + double quant", "nf4", {"double_quant": True}),
+    ("W8A8 (dynamic per-token activations)", "w8a8", {}),
 ]
 PRUNE_ROWS = [(m, s, nm) for m in ("magnitude", "wanda", "sparsegpt") for s, nm in ((0.5, None), (0.5, "2:4"))]
 
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
     # speed: fp32, bf16, one model per scheme, the tiled fallback for int8 and int4
     timed = {"fp32": base, "bf16 weights": bf16}
     timed.update({label: models[label] for label in ("int8 (per channel, RTN)", "int4 g128 sym RTN",
-                                                    "int3 g64 asym RTN", "NF4 (blocks of 64)")})
+                                                    "int3 g64 asym RTN", "NF4 (blocks of 64)",
+                                                    "W8A8 (dynamic per-token activations)")})
     for label in ("int8 (per channel, RTN)", "int4 g128 sym RTN"):
         tiled = copy.deepcopy(models[label])
         use_tiled(tiled)

@@ -4,7 +4,7 @@
     out: runs/compressed/int4_gptq
     prune:      {method: magnitude | wanda | sparsegpt, sparsity: 0.5, n_m: "2:4" | null}
     structured: {ffn_fraction: 0.3, head_fraction: 0.0}    # really removes FFN channels / KV groups
-    quantize:   {scheme: int8 | int4 | int3 | nf4, group_size: 128, symmetric: true, method: rtn | gptq}
+    quantize:   {scheme: int8 | int4 | int3 | nf4 | w8a8, group_size: 128, symmetric: true, method: rtn | gptq}
     calibration: {text: FILE, samples: 128, seq_len: 128, heldout_fraction: 0.1, seed: 0}
     eval:       {text: FILE, window: 128, heldout_fraction: 0.1, max_windows: null}   # optional
 
@@ -45,7 +45,7 @@ class StructuredSection:
 
 @dataclass
 class QuantizeSection:
-    scheme: str = "int8"                # int8 | int4 | int3 | nf4
+    scheme: str = "int8"                # int8 | int4 | int3 | nf4 | w8a8
     group_size: int = 128               # int4 / int3: columns per scale
     symmetric: bool = True
     method: str = "rtn"                 # rtn | gptq
