@@ -107,7 +107,9 @@ class Reference:
             parts.append(token_kld(self.half[i], logp[:, self.rows].reshape(-1, logp.shape[-1]),
                                    self.targets[s: s + logp.shape[0]].reshape(-1)))
         ppl = math.exp(nll / (self.windows.shape[0] * (self.windows.shape[1] - 1)))
-        return {"ppl": ppl, "dppl_pct": 100 * (ppl / self.ppl - 1), **kld_summary(parts)}
+        kld = kld_summary(parts)                        # its ppl / delta_ppl are the kld protocol's: kept apart
+        kld["kld_ppl"], kld["kld_delta_ppl"] = kld.pop("ppl"), kld.pop("delta_ppl")
+        return {**kld, "ppl": ppl, "dppl_pct": 100 * (ppl / self.ppl - 1)}
 
 
 # ---- sizes -----------------------------------------------------------------------------------------
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=None, help="held-out windows scored (default: all)")
     ap.add_argument("--llama-cpp-python", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
 
     base, tokenizer = reference_model()
     ids = heldout_ids(TEXT.read_text(encoding="utf-8"), tokenizer, 0.1)
-    windows = token_windows(ids, WINDOW, 16 if args.quick else None)                   # (W, 128)
+    windows = token_windows(ids, WINDOW, 16 if args.quick else args.windows)                   # (W, 128)
     calibration = calibration_windows(tokenizer, 16 if args.quick else args.calibration)
     ref = Reference(base, windows)
     n_params = sum(p.numel() for p in base.parameters())

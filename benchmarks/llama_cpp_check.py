@@ -1,6 +1,6 @@
 """Check `llmkit export gguf` against llama.cpp itself (llama-cpp-python, in its own environment).
 
-    python benchmarks/llama_cpp_check.py MODEL_DIR [--text FILE] [--python /work/venv-llama/bin/python]
+    python benchmarks/llama_cpp_check.py MODEL_DIR [--text FILE [--held-out 0.1]] [--python /work/venv-llama/bin/python]
     python benchmarks/llama_cpp_check.py --random d_model=64,d_ff=128,n_layers=2,n_heads=4,n_kv_heads=2,vocab_size=256
 
 1. exports MODEL_DIR (or a seeded random Llama) as f32, f16, q8_0 and q4_0 GGUF files;
@@ -13,8 +13,8 @@
    (llama.cpp's perplexity --kl-divergence protocol, here on the given windows):
        KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)),  P = softmax(llmkit fp32 logits), Q = the file's
    mean and max over positions, and the same-top-1 rate.
-It also lists, for our q8_0 / q4_0 files, how their tensor types and general.file_type differ from
-what llama_model_quantize writes from the same f32 file.
+It also lists, for our q8_0 / q4_0 files, how their general.file_type, tensor types, shapes and bytes
+differ from what llama_model_quantize writes from the same f32 file.
 
 The functions are the reusable core (the compression benchmark calls `check_model`); nothing here runs
 in CI: the llama.cpp environment is a separate interpreter, `--python` or $LLMKIT_LLAMA_CPP_PYTHON.
@@ -113,28 +113,27 @@ def kl_to_reference(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
 
 
 # ---- file structure -----------------------------------------------------------------------------
-def gguf_layout(path: Path) -> tuple[int, list]:
-    """(general.file_type, [(tensor name, GGML type name, shape)] in file order)."""
+def gguf_layout(path: Path) -> tuple[int, dict]:
+    """(general.file_type, {tensor name: (GGML type name, shape, data bytes)})."""
     import gguf
     reader = gguf.GGUFReader(str(path))
     ftype = int(reader.fields["general.file_type"].parts[-1][0])
-    return ftype, [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors]
+    return ftype, {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), t.data.tobytes())
+                   for t in reader.tensors}
 
 
 def diff_layouts(ours: Path, theirs: Path) -> list:
-    """Lines saying where two GGUF files differ in file_type, tensor order, types and shapes."""
+    """Lines saying where two GGUF files differ in file_type, tensor names, types, shapes and bytes.
+    The order of the tensors is not compared: llama_model_quantize writes them sorted by name."""
     (fa, ta), (fb, tb) = gguf_layout(ours), gguf_layout(theirs)
     lines = [f"general.file_type {fa} vs {fb}"] if fa != fb else []
-    if [t[0] for t in ta] != [t[0] for t in tb]:
-        lines.append(f"tensor order differs: {[t[0] for t in ta]} vs {[t[0] for t in tb]}")
-    b = {t[0]: t for t in tb}
-    for name, kind, shape in ta:
-        other = b.get(name)
-        if other is None:
-            lines.append(f"{name}: only in ours")
-        elif (kind, shape) != other[1:]:
-            lines.append(f"{name}: {kind} {shape} vs {other[1]} {other[2]}")
-    return lines
+    lines += [f"{name}: only in {'ours' if name in ta else 'theirs'}" for name in sorted(set(ta) ^ set(tb))]
+    same = [name for name in ta if name in tb and ta[name] == tb[name]]
+    lines += [f"{name}: {ta[name][0]} {ta[name][1]} vs {tb[name][0]} {tb[name][1]}" for name in ta
+              if name in tb and ta[name][:2] != tb[name][:2]]
+    lines += [f"{name}: same type and shape, other bytes" for name in ta
+              if name in tb and ta[name][:2] == tb[name][:2] and ta[name] != tb[name]]
+    return lines + [f"{len(same)}/{len(ta)} tensors byte-identical"]
 
 
 # ---- the check ----------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ def format_report(report: dict) -> str:
     lines += ["", "greedy continuations:"] + [f"  {r.label}: {r.tokens}" for r in report["results"]]
     for kind, diff in report["diffs"].items():
         lines.append(f"ours {kind} vs llama.cpp's {kind.upper()} of the same f32 file: "
-                     + ("; ".join(diff) if diff else "same file_type, tensor order, types and shapes"))
+                     + "; ".join(diff))
     return "\n".join(lines)
 
 
@@ -200,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("model", nargs="?", help="a model folder (save_artifacts output or checkpoint)")
     parser.add_argument("--random", help="instead: a random Llama, 'd_model=64,n_layers=2,...'")
     parser.add_argument("--text", help="a text file to cut the windows from (default: seeded random ids)")
+    parser.add_argument("--held-out", type=float, default=0.0,
+                        help="cut them from the last fraction of its tokens (0.1: the reference model's held-out text)")
     parser.add_argument("--python", default=DEFAULT_PYTHON, help="an interpreter with llama_cpp")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--window-len", type=int, default=64)
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
     vocab = model.config.vocab_size
     if args.text:
         ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
+        ids = ids[len(ids) - int(len(ids) * args.held_out):] if args.held_out else ids
         windows = [ids[i * args.window_len:(i + 1) * args.window_len] for i in range(args.windows)]
     else:
         gen = torch.Generator().manual_seed(1)
