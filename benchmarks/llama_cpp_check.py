@@ -50,6 +50,7 @@ class FileResult:
     returncode: int = 0                     # the worker's exit status (-11: llama.cpp segfaulted)
     error: str = ""
     tokens: list = field(default_factory=list)
+    same_tokenization: Optional[bool] = None  # llama.cpp's tokenization of the text == llmkit's
     kld_mean: float = float("nan")
     kld_max: float = float("nan")
     same_top1: float = float("nan")
@@ -79,14 +80,16 @@ def llama_quantize(src: Path, dst: Path, ftype: str, python: str = DEFAULT_PYTHO
 
 
 def run_llama(path: Path, prompt: list, n_new: int, windows: list, python: str = DEFAULT_PYTHON,
-              threads: int = 2, timeout: float = 600) -> tuple[int, list, Optional[np.ndarray], str]:
-    """(exit status, greedy ids, logits (windows, T, V) or None, stderr) of llama.cpp on one file."""
+              threads: int = 2, timeout: float = 600, text: Optional[str] = None) -> tuple[int, dict, Optional[np.ndarray], str]:
+    """(exit status, worker result (greedy "tokens", "text_ids"), logits (windows, T, V) or None, stderr)
+    of llama.cpp on one file."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "logits.npy"
-        spec = {"prompt": prompt, "n": n_new, "windows": windows, "threads": threads, "logits_out": str(out)}
+        spec = {"prompt": prompt, "n": n_new, "windows": windows, "threads": threads, "logits_out": str(out),
+                "text": text}
         code, result, err = _worker(python, "run", path, spec, timeout)
         logits = np.load(out) if code == 0 and out.is_file() else None
-    return code, result.get("tokens", []), logits, err
+    return code, result, logits, err
 
 
 # ---- llmkit's side ------------------------------------------------------------------------------
@@ -139,8 +142,9 @@ def diff_layouts(ours: Path, theirs: Path) -> list:
 # ---- the check ----------------------------------------------------------------------------------
 def check_model(model, tokenizer, workdir: Path, prompt: list, windows: list, n_new: int = 16,
                 types=GGUF_TYPES, llama_quants=LLAMA_QUANTS, python: str = DEFAULT_PYTHON,
-                threads: int = 2) -> dict:
-    """Export, quantize with llama.cpp, run every file there, compare with llmkit.
+                threads: int = 2, text: Optional[str] = None) -> dict:
+    """Export, quantize with llama.cpp, run every file there, compare with llmkit (with `text` and a
+    tokenizer, also llama.cpp's tokenization of `text` with llmkit's).
 
     Returns {"reference_tokens", "results": [FileResult], "diffs": {type: [lines]}}.
     """
@@ -159,7 +163,11 @@ def check_model(model, tokenizer, workdir: Path, prompt: list, windows: list, n_
     results = []
     for label, path in files.items():
         r = FileResult(label, path, path.stat().st_size, gguf_bits_per_weight(path))
-        r.returncode, r.tokens, logits, err = run_llama(path, prompt, n_new, windows, python, threads)
+        text = text if tokenizer is not None else None
+        r.returncode, out, logits, err = run_llama(path, prompt, n_new, windows, python, threads, text=text)
+        r.tokens = out.get("tokens", [])
+        if text is not None and r.returncode == 0:
+            r.same_tokenization = out.get("text_ids") == tokenizer.encode(text)
         if logits is None:
             r.error = err.splitlines()[-1] if err else "no logits"
         else:
@@ -171,18 +179,22 @@ def check_model(model, tokenizer, workdir: Path, prompt: list, windows: list, n_
 
 def format_report(report: dict) -> str:
     lines = [f"llmkit fp32 greedy: {report['reference_tokens']}", "",
-             "| file | size (bytes) | bits/weight | loads | greedy == llmkit | KLD mean | KLD max | same top-1 |",
-             "|---|---:|---:|---|---|---:|---:|---:|"]
+             "| file | size (bytes) | bits/weight | loads | greedy == llmkit | KLD mean | KLD max | same top-1 "
+             "| tokenizes as llmkit |", "|---|---:|---:|---|---|---:|---:|---:|---|"]
     for r in report["results"]:
         loads = "yes" if r.ok else f"no (exit {r.returncode}: {r.error})"
-        same = "yes" if r.tokens == report["reference_tokens"] else "no"
+        same = _yes_no(r.tokens == report["reference_tokens"])
         lines.append(f"| {r.label} | {r.size} | {r.bits_per_weight:.3f} | {loads} | {same} | {r.kld_mean:.2e} | "
-                     f"{r.kld_max:.2e} | {r.same_top1:.3f} |")
+                     f"{r.kld_max:.2e} | {r.same_top1:.3f} | {_yes_no(r.same_tokenization)} |")
     lines += ["", "greedy continuations:"] + [f"  {r.label}: {r.tokens}" for r in report["results"]]
     for kind, diff in report["diffs"].items():
         lines.append(f"ours {kind} vs llama.cpp's {kind.upper()} of the same f32 file: "
                      + "; ".join(diff))
     return "\n".join(lines)
+
+
+def _yes_no(flag: Optional[bool]) -> str:
+    return "-" if flag is None else "yes" if flag else "no"
 
 
 def random_llama(spec: str, seed: int = 0):
@@ -216,8 +228,10 @@ def main(argv=None) -> int:
         artifacts = load_artifacts(args.model)
         model, tokenizer = artifacts.model, artifacts.tokenizer
     vocab = model.config.vocab_size
+    text = None
     if args.text:
-        ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
+        text = Path(args.text).read_text(encoding="utf-8")
+        ids = tokenizer.encode(text)
         ids = ids[len(ids) - int(len(ids) * args.held_out):] if args.held_out else ids
         windows = [ids[i * args.window_len:(i + 1) * args.window_len] for i in range(args.windows)]
     else:
@@ -227,9 +241,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = check_model(model, tokenizer, Path(args.out_dir or tmp), prompt, windows, args.n_new,
                              llama_quants=tuple(q for q in args.quants.split(",") if q), python=args.python,
-                             threads=args.threads)
+                             threads=args.threads, text=text[-20000:] if text else None)
         print(format_report(report))
-    ok = all(r.ok for r in report["results"])
+    ok = all(r.ok and r.same_tokenization is not False for r in report["results"])
     f32 = next((r for r in report["results"] if r.label == "ours f32"), None)
     return 0 if ok and (f32 is None or f32.tokens == report["reference_tokens"]) else 1
 

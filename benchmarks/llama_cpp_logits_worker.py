@@ -5,7 +5,8 @@ that crashes llama.cpp (a segfault) fails alone and is reported with its exit st
     python llama_cpp_logits_worker.py run MODEL.gguf '{"prompt": [ids], "n": 16, "windows": [[ids], ...],
                                                       "threads": 2, "logits_out": "FILE.npy"}'
         greedy continuation of `prompt` (n tokens, temperature 0) and, with logits_all=True, the
-        full-vocabulary logits at every position of each window, saved as float32 (windows, T, V)
+        full-vocabulary logits at every position of each window, saved as float32 (windows, T, V);
+        with "text", also llama.cpp's own tokenization of it (the file's tokenizer metadata at work)
     python llama_cpp_logits_worker.py quantize SRC.gguf '{"out": "DST.gguf", "ftype": "Q4_K_M", "threads": 2}'
         llama.cpp's own quantizer (llama_model_quantize with llama_model_quantize_default_params())
 
@@ -34,7 +35,8 @@ def run(path: str, spec: dict) -> dict:
         llm.eval(window)
         logits.append(np.array(llm.scores[:len(window)], dtype=np.float32))     # (T, V)
     np.save(spec["logits_out"], np.stack(logits))                                # (windows, T, V)
-    return {"tokens": tokens, "n_vocab": llm.n_vocab()}
+    text_ids = llm.tokenize(spec["text"].encode(), add_bos=False, special=True) if spec.get("text") else None
+    return {"tokens": tokens, "n_vocab": llm.n_vocab(), "text_ids": text_ids}
 
 
 def quantize(path: str, spec: dict) -> dict:

@@ -235,6 +235,13 @@ def test_llama_variants_llama_cpp_cannot_run_are_refused(tmp_path, overrides, wo
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
+def test_a_model_with_wrapped_layers_is_refused_naming_the_tensor(tmp_path):
+    model = llama()
+    model.transformer.layers[0].mlp.up_proj = torch.nn.Sequential(model.transformer.layers[0].mlp.up_proj)
+    with pytest.raises(ExportError, match=r"no tensor 'transformer.layers.0.mlp.up_proj.weight'"):
+        export_gguf(model, tmp_path / "m.gguf")
+
+
 def test_a_window_as_long_as_the_context_is_accepted(tmp_path):
     path = export_gguf(llama(family="mistral", sliding_window=64), tmp_path / "m.gguf", type="f32")
     assert field(gguf.GGUFReader(str(path)), "general.architecture") == "llama"

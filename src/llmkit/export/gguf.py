@@ -107,7 +107,14 @@ def llama_tensors(model) -> Iterator[tuple[str, Any]]:
     """(GGUF name, float32 numpy array) for every tensor the file holds, in convert_hf_to_gguf's order."""
     import numpy as np
     c = model.config
-    sd = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    needed = ["transformer.embed_tokens.weight", "transformer.final_norm.weight", "lm_head.weight"] + [
+        f"transformer.layers.{i}.{ours}" for i in range(c.n_layers) for ours, _ in _BLOCK_TENSORS]
+    missing = [k for k in needed if k not in state]
+    if missing:      # e.g. a quantized or PEFT-wrapped layer: its weight lives under other names
+        raise ExportError(f"export gguf: model has no tensor {missing[0]!r} ({len(missing)} missing): expected "
+                          "a plain CausalLM with float weights (merge adapters, export before quantizing)")
+    sd = {k: state[k].detach().to("cpu").float().numpy() for k in needed}
     yield "token_embd.weight", sd["transformer.embed_tokens.weight"]                   # (V, d)
     if c.rope_scaling is not None:
         from ..model.positions import rope_inverse_frequencies
@@ -129,6 +136,8 @@ def tensor_qtype(name: str, array, type: str, tied: bool):
     import gguf
     T = gguf.GGMLQuantizationType
     if type == "f32" or array.ndim < 2:
+        # 1-D tensors stay f32 in every file: ggml's CPU element-wise ops (the norm's x * w) take no
+        # quantized operand, and a Q8_0 norm aborts llama.cpp at the first evaluation (binary_op).
         return T.F32
     if type == "f16" or array.shape[-1] % BLOCK:        # a row that is not whole blocks: f16
         return T.F16
